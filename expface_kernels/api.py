@@ -1,0 +1,123 @@
+"""Public functions: argument checks, backend dispatch, the autograd.Function call."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .function import MarginSoftmaxFunction
+from .margins import MARGIN_GRADS, resolve_margin
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int32, torch.int64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_float_2d(t, name: str, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {what}, got shape {tuple(t.shape)}")
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
+    """Raise ValueError if a label lies outside [0, num_classes) and is not ignore_index.
+
+    On CUDA tensors this costs one device→host copy of a bool (the only sync of a
+    step): DESIGN §2 asks for an exception rather than a device-side assert. Inside
+    torch.compile it becomes an asynchronous assert (no graph break).
+    """
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{name} must lie in [0, {num_classes}) or equal ignore_index")
+        return
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(labels[i])} is outside [0, {num_classes}) "
+                         f"and is not ignore_index={ignore_index}")
+
+
+def validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignore_index,
+                    num_classes: Optional[int] = None) -> None:
+    """Every input check of DESIGN §2 except the margin's (margins.resolve_margin).
+
+    ``num_classes`` is the range of valid labels (default weight.shape[0]; the sharded
+    loss passes the global count).
+    """
+    _check_float_2d(embeddings, "embeddings", "(B, D)")
+    _check_float_2d(weight, "weight", "(C, D)")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    b, d = embeddings.shape
+    if b == 0:
+        raise ValueError("embeddings must have at least one row, got shape (0, D)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class (row), got shape (0, D)")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have D={d} columns like embeddings (B, D)={tuple(embeddings.shape)}, "
+                         f"got weight shape {tuple(weight.shape)}")
+    if d == 0:
+        raise ValueError("embeddings must have D >= 1 features")
+    if labels.shape != (b,):
+        raise ValueError(f"labels must have shape (B,)=({b},), got {tuple(labels.shape)}")
+    if weight.device != embeddings.device:
+        raise ValueError(f"weight is on {weight.device} but embeddings are on {embeddings.device}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels are on {labels.device} but embeddings are on {embeddings.device}")
+    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
+        raise ValueError(f"s must be a finite number > 0, got {s!r}")
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad must be one of {list(MARGIN_GRADS)}, got {margin_grad!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_labels(labels, weight.shape[0] if num_classes is None else num_classes, ignore_index)
+
+
+def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: str = "expface",
+                        *, s: float = 64.0, m=None, margin_grad: str = "exact",
+                        reduction: str = "mean", ignore_index: int = -1,
+                        backend: str = "auto") -> Tensor:
+    """Margin-softmax cross-entropy without materialising the B×C logits.
+
+    Args:
+        embeddings: (B, D) float16/bfloat16/float32/float64.
+        weight: (C, D) class centres (nn.Linear layout); its dtype may differ from
+            the embeddings' (fp16 embeddings with fp32 weight is common).
+        labels: (B,) int64 or int32 in [0, C), or ``ignore_index``.
+        margin: ``"expface"``, ``"arcface"``, ``"cosface"``, ``"sphereface"``,
+            ``"combined"`` or ``"none"`` (DESIGN §1).
+        s: the scale (> 0). m: the margin's parameter (float; ``(m1, m2, m3)`` for
+            ``"combined"``); None takes the margin's default.
+        margin_grad: ``"exact"`` (true ψ', evaluated at an angle clamped into
+            [1e-3, π − 1e-3]) or ``"straight_through"`` (∂z_y/∂c_y = s, the
+            insightface / ExpFace-authors training recipe).
+        reduction, ignore_index: as ``F.cross_entropy``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or ``"extension"``.
+
+    Returns:
+        float32 loss (float64 when an input is float64): a scalar, or (B,) for
+        ``reduction="none"``. Gradients have their inputs' dtypes.
+    """
+    spec, mv = resolve_margin(margin, m)
+    validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignore_index)
+    x = embeddings.contiguous()
+    w = weight.contiguous()
+    be = backends.select_backend(backend, x, w)
+    return MarginSoftmaxFunction.apply(x, w, labels.contiguous(), be.name, spec.name, mv, float(s),
+                                       margin_grad, reduction, ignore_index, 0, None)
+
+
+def expface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,
+                 m: float = 0.7, **kwargs) -> Tensor:
+    """ExpFace: target logit s·cos(π·(θ/π)^m). Same keywords as :func:`margin_softmax_loss`."""
+    return margin_softmax_loss(embeddings, weight, labels, "expface", s=s, m=m, **kwargs)

@@ -1,0 +1,164 @@
+"""Backend registry: name -> why it cannot run -> the contract's primitives.
+
+The contract (DESIGN §3, as implemented here; every backend follows it exactly).
+"acc" is float64 for float64 inputs, else float32. All tensors on one device.
+
+``lse_partials(x_hat, w, target_logit, labels, s, offset)``
+    -> ``(row_max[B] acc, row_sumexp[B] acc, w_inv_norm[C_local] acc)``
+
+    x_hat (B, D) normalised embeddings; w (C_local, D) raw class centres of the block
+    ``[offset, offset + C_local)``; target_logit (B,) acc = s·ψ(c_iy); labels (B,) int64
+    global labels with ignored rows set to −1. Logits z_ij = s·x̂_i·W_j·w_inv_norm_j,
+    except z_iy = target_logit_i at column ``labels[i] − offset`` when it lies in the
+    block (substituted inside the tile). ``w_inv_norm_j = 1/max(‖W_j‖, 1e-12)``.
+
+``grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset)``
+    -> ``(grad_x_hat[B, D] acc, grad_w[C_local, D] w.dtype)``
+
+    G_ij = grad_row_i·s·exp(s·c_ij − lse_i) off target, G_iy = target_grad_i, where
+    target_grad_i = grad_row_i·target_factor_i·expm1(target_logit_i − lse_i) is formed
+    by the caller (deviation from DESIGN's ``target_factor`` argument: it keeps expm1 and
+    the margin out of the kernels). grad_x_hat = Σ_j G_ij·ŵ_j (this block's part);
+    grad_w_j = w_inv_norm_j·(g_j − ŵ_j(ŵ_j·g_j)) with g_j = Σ_i G_ij·x̂_i (no projection
+    when ‖W_j‖ < 1e-12, as F.normalize's backward).
+
+``fused_forward_grads(x_hat, w, target_logit, target_factor, labels, grad_row, s)``
+    -> ``(lse[B] acc, grad_x_hat[B, D] acc, grad_w[C, D] w.dtype, w_inv_norm[C] acc)``
+
+    Optional, single device: blocks of rows against all classes, so each row's
+    logsumexp is final before its gradient is formed (3 GEMMs instead of 4).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+ReasonsFn = Callable[[Tensor, Tensor], "list[str]"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the contract.
+
+    ``unsupported_reasons(x_hat, w)`` returns why this backend cannot run these
+    tensors (empty list: it can).
+    """
+
+    name: str
+    lse_partials: Callable
+    grads: Callable
+    unsupported_reasons: ReasonsFn
+    fused_forward_grads: Optional[Callable] = None
+
+
+# Optional backends live in modules that may fail to import (no Triton, extension not
+# built); each exposes a module attribute ``BACKEND``.
+_LAZY_MODULES = {
+    "triton": "expface_kernels.triton_kernels.backend",
+    "extension": "expface_kernels.extension",
+}
+_BUILTIN = ("reference", "chunked")
+BACKEND_NAMES = ("reference", "chunked", "triton", "extension")
+
+# Fastest first, per device type. Triton under the CPU interpreter is exact but orders
+# of magnitude slower than BLAS, so "auto" never picks it for CPU tensors.
+_AUTO_ORDER = {
+    "cuda": ("triton", "extension", "chunked"),
+    "cpu": ("extension", "chunked"),
+}
+
+_loaded: dict[str, Backend | str] = {}
+
+
+def _load(name: str) -> Backend | str:
+    """The Backend, or the reason its module cannot be imported."""
+    if name in _loaded:
+        return _loaded[name]
+    if name == "reference":
+        from . import reference as mod
+    elif name == "chunked":
+        from . import chunked as mod
+    else:
+        try:
+            mod = importlib.import_module(_LAZY_MODULES[name])
+        except Exception as exc:  # ImportError, or a broken build raising OSError
+            _loaded[name] = f"cannot import {_LAZY_MODULES[name]}: {type(exc).__name__}: {exc}"
+            return _loaded[name]
+    _loaded[name] = mod.BACKEND
+    return mod.BACKEND
+
+
+def get_backend(name: str) -> Backend:
+    """The Backend named ``name``; raises RuntimeError with the reason if unusable here."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+    b = _load(name)
+    if isinstance(b, str):
+        raise RuntimeError(f"backend {name!r} is not available: {b}")
+    return b
+
+
+def loaded_backend(name: str) -> Backend:
+    """A backend already resolved by :func:`select_backend` (a plain lookup, cheap to trace)."""
+    return _loaded[name]
+
+
+def _reasons(name: str, x_hat: Tensor, w: Tensor) -> list[str]:
+    b = _load(name)
+    if isinstance(b, str):
+        return [b]
+    return b.unsupported_reasons(x_hat, w)
+
+
+def select_backend(name: str, x_hat: Tensor, w: Tensor) -> Backend:
+    """Resolve ``backend=`` for these tensors.
+
+    ``"auto"`` takes the first usable backend of the device's order; an explicit name
+    that cannot run raises RuntimeError with its reasons (every candidate's reasons
+    for ``"auto"``).
+    """
+    if name == "auto":
+        order = _AUTO_ORDER.get(x_hat.device.type, ("chunked",))
+        why = {}
+        for cand in order:
+            r = _reasons(cand, x_hat, w)
+            if not r:
+                return _load(cand)
+            why[cand] = r
+        lines = "; ".join(f"{k}: {' / '.join(v)}" for k, v in why.items())
+        raise RuntimeError(f"no backend can run these inputs ({lines})")
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+    r = _reasons(name, x_hat, w)
+    if r:
+        raise RuntimeError(f"backend {name!r} cannot run these inputs: " + " / ".join(r))
+    return _load(name)
+
+
+def available_backends(device: str | torch.device | None = None) -> dict[str, str | None]:
+    """Every backend's name -> None if it can run float32 tensors on ``device``, else why.
+
+    ``device`` defaults to CUDA when a GPU is present, else CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {n: "no CUDA device is available" for n in BACKEND_NAMES}
+    probe = torch.empty(1, 1, device=device)
+    out = {}
+    for n in BACKEND_NAMES:
+        r = _reasons(n, probe, probe)
+        out[n] = " / ".join(r) if r else None
+    return out
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

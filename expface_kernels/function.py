@@ -1,0 +1,130 @@
+"""The ONE torch.autograd.Function every backend runs under.
+
+Forward:
+  1. normalise x (B×D, cheap) — the primitives only ever see x̂;
+  2. prologue on B numbers: the target cosine c_iy (a gathered dot product), then
+     target_logit = s·ψ(c_iy) and target_factor = ∂z_iy/∂c_iy (margins.py);
+  3. the class loop: the backend's ``lse_partials`` over the block, merged across ranks
+     with all-reduce MAX/SUM when a process group is given; or, on one device with
+     gradients needed and reduction mean/sum, the backend's ``fused_forward_grads``,
+     which forms the gradients in the same pass (3 GEMMs instead of 4);
+  4. loss_i = lse_i − target_logit_i, zero on ignored rows, reduced as F.cross_entropy.
+Backward:
+  target_grad = grad_row·target_factor·expm1(target_logit − lse) (B numbers, here, so
+  kernels need neither the margin nor expm1), the backend's ``grads``, then x's
+  normalisation chained by hand.
+
+The class block is ``[offset, offset + C_local)``; with ``group`` set the returned
+embedding gradient is this rank's block's contribution (the caller's all-gather sums
+the ranks' contributions in its backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import backends
+from .margins import MARGINS, target_terms
+from .torch_math import NORM_EPS, acc_dtype, block_target_index, inv_norm
+
+
+def _all_reduce(t: Tensor, op, group) -> Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class MarginSoftmaxFunction(torch.autograd.Function):
+    """Margin-softmax cross-entropy over one class block (see the module docstring).
+
+    ``apply(x, w, labels, backend, margin, m, s, margin_grad, reduction, ignore_index,
+    offset, group)`` with x (B, D) float, w (C_local, D) float, labels (B,) int32/int64
+    (already validated), ``backend`` a name already resolved by
+    :func:`backends.select_backend`. Returns the loss in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m,
+                s: float, margin_grad: str, reduction: str, ignore_index: int, offset: int,
+                group):
+        be = backends.loaded_backend(backend)
+        acc = acc_dtype(x, w)
+        x_acc = x.to(acc)
+        x_inv = inv_norm(x_acc, acc)
+        x_hat = (x_acc * x_inv.unsqueeze(1)).to(x.dtype)
+        labels = labels.long()
+        ignored = labels == ignore_index
+        labels = torch.where(ignored, torch.full_like(labels, -1), labels)
+        kept = (~ignored).to(acc)
+
+        # Prologue: c_iy from x̂ and the gathered centre (zero where the label is in
+        # another rank's block, so that a SUM all-reduce assembles it).
+        in_block, col = block_target_index(labels, offset, w.shape[0])
+        w_t = w[col].to(acc)
+        c_t = (x_hat.to(acc) * w_t).sum(1) * inv_norm(w_t, acc)
+        c_t = _all_reduce(torch.where(in_block, c_t, torch.zeros_like(c_t)), dist.ReduceOp.SUM, group)
+        target_logit, target_factor = target_terms(c_t, MARGINS[margin], m, s, margin_grad)
+
+        if reduction == "mean":
+            # 0/0 = NaN when every row is ignored, as F.cross_entropy.
+            grad_row = kept / kept.sum()
+        else:
+            grad_row = kept
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        fused = (need_grad and group is None and reduction != "none"
+                 and be.fused_forward_grads is not None)
+        if fused:
+            lse, gx_hat, gw, _ = be.fused_forward_grads(
+                x_hat, w, target_logit, target_factor, labels, grad_row, s)
+        else:
+            row_max, row_sumexp, w_inv = be.lse_partials(x_hat, w, target_logit, labels, s, offset)
+            if group is not None:
+                gmax = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
+                row_sumexp = _all_reduce(row_sumexp * torch.exp(row_max - gmax), dist.ReduceOp.SUM, group)
+                row_max = gmax
+            lse = row_max + torch.log(row_sumexp)
+
+        loss_rows = torch.where(ignored, torch.zeros_like(lse), lse - target_logit)
+        if reduction == "none":
+            loss = loss_rows
+        elif reduction == "sum":
+            loss = loss_rows.sum()
+        else:
+            loss = loss_rows.sum() / kept.sum()
+
+        ctx.fused = fused
+        ctx.reduction = reduction
+        ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
+        ctx.x_dtype = x.dtype
+        if not need_grad:
+            return loss
+        if fused:
+            ctx.save_for_backward(x_acc, x_inv, gx_hat, gw)
+        else:
+            ctx.save_for_backward(x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit,
+                                  target_factor, grad_row)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.fused:
+            x_acc, x_inv, gx_hat, gw = ctx.saved_tensors
+            # The fused pass used grad_row = 1/N (mean) or 1 (sum): exact up to this scale.
+            gx_hat = gx_hat * grad_out
+            gw = (gw * grad_out).to(gw.dtype)
+        else:
+            (x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
+             grad_row) = ctx.saved_tensors
+            grad_row = grad_row * grad_out  # (B,) for 'none', a scalar broadcast otherwise
+            target_grad = grad_row * target_factor * torch.expm1(target_logit - lse)
+            be = backends.loaded_backend(ctx.backend)
+            gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
+                                  ctx.s, ctx.offset)
+        # x̂ = x / max(‖x‖, eps): dx = (g − x̂(x̂·g)) / ‖x‖, or g / eps below the floor.
+        x_hat_acc = x_acc * x_inv.unsqueeze(1)
+        radial = (x_hat_acc * gx_hat).sum(1, keepdim=True)
+        radial = torch.where((x_inv < 1.0 / NORM_EPS).unsqueeze(1), radial, torch.zeros_like(radial))
+        gx = ((gx_hat - x_hat_acc * radial) * x_inv.unsqueeze(1)).to(ctx.x_dtype)
+        return gx, gw, None, None, None, None, None, None, None, None, None, None
