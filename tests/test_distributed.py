@@ -1,0 +1,467 @@
+"""The class-sharded loss (expface_kernels.distributed) on CPU with gloo.
+
+Multi-rank checks run in processes started by torch.multiprocessing.spawn (file://
+rendezvous in a temporary directory, so no port is needed). Spawning costs a few
+seconds per run on a 2-core machine, so each run performs several checks and writes
+its measurements to JSON; the tests here assert on them (a check failing inside a
+rank also raises, with its traceback, out of mp.spawn).
+
+The invariant: a backbone in DistributedDataParallel plus the sharded head gives the
+same loss, backbone gradients and every row of every shard's weight gradient as one
+process training on the concatenated batch with the full weight -- and stays equal
+over optimiser steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import expface_kernels as ek
+from expface_kernels.distributed import (INIT_CHUNK_ROWS, ShardedMarginSoftmaxLoss, init_weight_rows,
+                                         reshard, shard_bounds, shard_weight)
+
+HAS_EXT = importlib.util.find_spec("expface_kernels._C") is not None
+
+# float32 acceptance: relative to the largest entry of the compared quantity.
+F32_RTOL = 2e-5
+F64_RTOL = 1e-12
+
+# (margin, m, margin_grad, reduction, s, dtype). Every config is checked against one
+# process over 2 optimiser steps.
+INVARIANT_CASES = [
+    ("expface", None, "exact", "mean", 64.0, torch.float32),
+    ("arcface", None, "straight_through", "sum", 32.0, torch.float32),
+    ("cosface", None, "exact", "none", 16.0, torch.float32),
+    ("expface", None, "exact", "mean", 64.0, torch.float64),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers run inside the ranks
+# ---------------------------------------------------------------------------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (0 when both vanish)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.abs().max().item()
+    num = (a - b).abs().max().item()
+    return num / den if den > 0 else num
+
+
+def _problem(world: int, b_local: int, c: int, d_in: int, d: int, seed: int, dtype, ignore=(1, 6)):
+    """Global inputs (X (B, d_in), labels (B,) with ignored rows, full weight (C, d))."""
+    g = torch.Generator().manual_seed(seed)
+    b = world * b_local
+    x = torch.randn(b, d_in, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    for i in ignore:
+        if i < b:
+            y[i] = -1
+    w = torch.randn(c, d, generator=g, dtype=torch.float64).mul_(0.01).to(dtype)
+    return x, y, w
+
+
+def _reduce(loss: torch.Tensor) -> torch.Tensor:
+    return loss.mean() if loss.dim() else loss
+
+
+def _invariant(rank: int, world: int, case, backend: str, steps: int = 2) -> dict:
+    """DDP(backbone) + sharded head vs one process on the concatenated batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    margin, m, mg, red, s, dtype = case
+    c, d_in, d, b_local = 11, 6, 8, 4  # C = 11: not divisible by 2 or 3
+    x, y, w_full = _problem(world, b_local, c, d_in, d, seed=11, dtype=dtype)
+    torch.manual_seed(5)
+    backbone = nn.Linear(d_in, d).to(dtype)
+    ref_backbone = copy.deepcopy(backbone)
+    ref_w = nn.Parameter(w_full.clone())
+    ref_opt = torch.optim.SGD(list(ref_backbone.parameters()) + [ref_w], lr=0.5, momentum=0.9)
+
+    ddp = DDP(backbone)
+    head = ShardedMarginSoftmaxLoss(c, d, margin, s=s, m=m, margin_grad=mg, reduction=red,
+                                    backend=backend, dtype=dtype)
+    head.load_full_weight(w_full)
+    assert (head.class_start, head.num_local) == shard_bounds(c, world, rank)
+    opt = torch.optim.SGD(list(ddp.parameters()) + list(head.parameters()), lr=0.5, momentum=0.9)
+    sl = slice(rank * b_local, (rank + 1) * b_local)
+    rows = slice(head.class_start, head.class_start + head.num_local)
+
+    out = {"loss": 0.0, "backbone_grad": 0.0, "head_grad": 0.0, "head_weight": 0.0}
+    for _ in range(steps):
+        ref_opt.zero_grad()
+        ref_loss = ek.margin_softmax_loss(ref_backbone(x), ref_w, y, margin, s=s, m=m, margin_grad=mg,
+                                          reduction=red, backend="reference")
+        _reduce(ref_loss).backward()
+        opt.zero_grad()
+        loss = head(ddp(x[sl]), y[sl])
+        _reduce(loss).backward()
+        assert loss.shape == ref_loss.shape
+        out["loss"] = max(out["loss"], _rel(loss, ref_loss))
+        gb = max(_rel(p.grad, q.grad) for p, q in zip(ddp.module.parameters(), ref_backbone.parameters()))
+        out["backbone_grad"] = max(out["backbone_grad"], gb)
+        out["head_grad"] = max(out["head_grad"], _rel(head.weight.grad, ref_w.grad[rows]))
+        opt.step()
+        ref_opt.step()
+        out["head_weight"] = max(out["head_weight"], _rel(head.weight, ref_w[rows]))
+    return out
+
+
+def _all_sampled_classes(head: ShardedMarginSoftmaxLoss) -> list[int]:
+    """Global class ids of every rank's last sample, rank order (test-only gather)."""
+    mine = (head.sampled_index + head.class_start).tolist()
+    if head.world_size == 1:
+        return mine
+    lists = [None] * head.world_size
+    dist.all_gather_object(lists, mine, group=head.group)
+    return [c for lst in lists for c in lst]
+
+
+def _sampling(rank: int, world: int) -> dict:
+    """Partial FC: positives kept, counts, gradients only on sampled rows, equality with
+    one process on the sampled classes, determinism, sample_rate=0."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    c, d_in, d, b_local = 40, 6, 8, 4
+    x, y, w_full = _problem(world, b_local, c, d_in, d, seed=3, dtype=torch.float32, ignore=(2,))
+    # Make sure every rank's block holds a positive (for the sample_rate=0 check).
+    for r in range(world):
+        start, n = shard_bounds(c, world, r)
+        y[r] = start + n // 2
+    sl = slice(rank * b_local, (rank + 1) * b_local)
+    out = {}
+    for rate in (0.5, 0.1, 0.0):
+        torch.manual_seed(5)
+        backbone = nn.Linear(d_in, d)
+        ref_backbone = copy.deepcopy(backbone)
+        ddp = DDP(backbone)
+        head = ShardedMarginSoftmaxLoss(c, d, "arcface", s=32.0, sample_rate=rate, seed=123,
+                                        backend="chunked")
+        head.load_full_weight(w_full)
+        losses = []
+        for step in range(2):
+            ddp.zero_grad()
+            head.zero_grad()
+            loss = head(ddp(x[sl]), y[sl])
+            loss.backward()
+            losses.append(loss.item())
+            idx = head.sampled_index
+            start, n = head.class_start, head.num_local
+            # positives of this block all sampled
+            pos = sorted({int(v) - start for v in y.tolist() if start <= v < start + n})
+            assert set(pos) <= set(idx.tolist()), (rate, pos, idx.tolist())
+            assert idx.tolist() == sorted(set(idx.tolist()))
+            k_expected = max(head.num_sample, len(pos), 1)
+            assert len(idx) == k_expected, (rate, len(idx), k_expected)
+            if rate == 0.0:
+                assert idx.tolist() == pos
+            # gradient only on sampled rows, and on each of them
+            nz = (head.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+            assert nz == idx.tolist(), (nz, idx.tolist())
+            # equality with one process on the sampled classes
+            classes = _all_sampled_classes(head)
+            w_sub = nn.Parameter(w_full[classes].clone())
+            pos_of = {cl: i for i, cl in enumerate(classes)}
+            y_sub = torch.tensor([pos_of[v] if v >= 0 else -1 for v in y.tolist()])
+            ref_backbone.zero_grad()
+            ref = ek.margin_softmax_loss(ref_backbone(x), w_sub, y_sub, "arcface", s=32.0,
+                                         backend="reference")
+            ref.backward()
+            local_pos = [i for i, cl in enumerate(classes) if start <= cl < start + n]
+            key = f"rate{rate}"
+            out[key + "_loss"] = max(out.get(key + "_loss", 0.0), _rel(loss, ref))
+            out[key + "_head_grad"] = max(out.get(key + "_head_grad", 0.0),
+                                          _rel(head.weight.grad[idx], w_sub.grad[local_pos]))
+            gb = max(_rel(p.grad, q.grad) for p, q in zip(ddp.module.parameters(), ref_backbone.parameters()))
+            out[key + "_backbone_grad"] = max(out.get(key + "_backbone_grad", 0.0), gb)
+        out[key + "_k"] = len(idx)
+        # Determinism: the same seed replays the same draws; another seed differs.
+        twins = [ShardedMarginSoftmaxLoss(c, d, "arcface", s=32.0, sample_rate=rate, seed=sd,
+                                          backend="chunked") for sd in (123, 123, 124)]
+        draws = []
+        for t in twins:
+            seq = []
+            for _ in range(3):
+                with torch.no_grad():
+                    t(x[sl].float() @ torch.ones(d_in, d), y[sl])
+                seq.append(t.sampled_index.tolist())
+            draws.append(seq)
+        assert draws[0] == draws[1]
+        if 0.0 < rate and head.num_sample > len(pos):  # a free choice of negatives exists
+            assert draws[0] != draws[2]
+    return out
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops that read device data on the host (item/bool/int, data-dependent shapes)."""
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "_unique2",
+                "unique_consecutive", "repeat_interleave", "equal", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNC_OPS:
+            self.hits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_syncs(rank: int, world: int) -> dict:
+    """Ops reading device data on the host during forward+backward of the head."""
+    c, d, b_local = 40, 8, 4
+    x, y, w_full = _problem(world, b_local, c, d, d, seed=9, dtype=torch.float32, ignore=())
+    sl = slice(rank * b_local, (rank + 1) * b_local)
+    out = {}
+    for name, kw in {"model_parallel": dict(sample_rate=1.0),
+                     "sampled_static": dict(sample_rate=0.5),
+                     "sampled_in_batch": dict(sample_rate=0.0),
+                     "validated": dict(sample_rate=1.0, validate=True)}.items():
+        kw.setdefault("validate", False)
+        head = ShardedMarginSoftmaxLoss(c, d, backend="chunked", seed=1, **kw)
+        xe = x[sl].clone().requires_grad_()
+        with _SyncCounter() as sc:
+            head(xe, y[sl]).backward()
+        out[name] = sc.hits
+    return out
+
+
+def _errors(rank: int, world: int) -> dict:
+    """A bad label on one rank raises the same ValueError on every rank (no hang)."""
+    c, d, b_local = 11, 8, 4
+    head = ShardedMarginSoftmaxLoss(c, d, backend="chunked")
+    x = torch.randn(b_local, d, requires_grad=True)
+    y = torch.zeros(b_local, dtype=torch.long)
+    if rank == world - 1:
+        y[2] = c  # out of range
+    msgs = []
+    try:
+        head(x, y)
+    except ValueError as e:
+        msgs.append(str(e))
+    # The group still works afterwards: a good step goes through.
+    head(x, torch.zeros(b_local, dtype=torch.long)).backward()
+    return {"messages": msgs}
+
+
+def _checkpoint(rank: int, world: int, ckpt_in: str) -> dict:
+    """Seeded init is world-size independent; gather to one/all ranks; load a full
+    weight saved by another world size."""
+    c, d = 11, 8
+    head = ShardedMarginSoftmaxLoss(c, d, seed=7, backend="chunked")
+    full_ref = init_weight_rows(0, c, d, 7)
+    g0 = head.gather_weight(dst=0)
+    gall = head.gather_weight(dst=None)
+    g_last = head.gather_weight(dst=world - 1)
+    assert (g0 is None) == (rank != 0) and (g_last is None) == (rank != world - 1)
+    assert torch.equal(gall, full_ref)
+    if g0 is not None:
+        assert torch.equal(g0, full_ref)
+    if g_last is not None:
+        assert torch.equal(g_last, full_ref)
+    # A checkpoint written as 2 shards (another world size) re-sharded onto this one.
+    shards2 = torch.load(ckpt_in)
+    full2 = torch.cat(shards2, 0)
+    head.load_full_weight(full2)
+    assert torch.equal(head.weight, shard_weight(full2, world, rank))
+    assert torch.equal(head.gather_weight(dst=None), full2)
+    return {"ok": True}
+
+
+def _worker(rank: int, world: int, init: str, out_dir: str, jobs: list) -> None:
+    torch.set_num_threads(1)  # 2 cores, 2-3 ranks
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        res = {}
+        for job, args in jobs:
+            if job == "invariant":
+                for i, case in enumerate(INVARIANT_CASES):
+                    res[f"invariant{i}"] = _invariant(rank, world, case, args["backend"])
+            elif job == "sampling":
+                res["sampling"] = _sampling(rank, world)
+            elif job == "host_syncs":
+                res["host_syncs"] = _host_syncs(rank, world)
+            elif job == "errors":
+                res["errors"] = _errors(rank, world)
+            elif job == "checkpoint":
+                res["checkpoint"] = _checkpoint(rank, world, args["ckpt"])
+            else:
+                raise ValueError(job)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world: int, tmp_path: Path, jobs: list) -> list[dict]:
+    out = tmp_path / f"w{world}"
+    out.mkdir()
+    mp.spawn(_worker, args=(world, f"file://{tmp_path}/rdzv_w{world}", str(out), jobs),
+             nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check_invariant(results: list[dict], world: int) -> None:
+    for i, case in enumerate(INVARIANT_CASES):
+        tol = F64_RTOL if case[-1] == torch.float64 else F32_RTOL
+        for rank, res in enumerate(results):
+            for what, err in res[f"invariant{i}"].items():
+                assert err <= tol, f"world={world} rank={rank} case={case[:5]} {case[-1]}: {what} rel err {err:.2e}"
+
+
+def _ckpt2(tmp_path: Path) -> str:
+    """Shards of a seeded 2-rank head, saved as a list (what a 2-rank job would write)."""
+    c, d = 11, 8
+    shards = [init_weight_rows(*shard_bounds(c, 2, r), d, seed=99) for r in range(2)]
+    p = tmp_path / "ckpt2.pt"
+    torch.save(shards, p)
+    return str(p)
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------
+
+
+def test_two_ranks(tmp_path):
+    res = _run(2, tmp_path, [("invariant", {"backend": "chunked"}), ("sampling", {}),
+                             ("host_syncs", {}), ("errors", {}),
+                             ("checkpoint", {"ckpt": _ckpt2(tmp_path)})])
+    _check_invariant(res, 2)
+    for rank, r in enumerate(res):
+        for k, v in r["sampling"].items():
+            if not k.endswith("_k"):
+                assert v <= F32_RTOL, f"rank {rank}: sampling {k} rel err {v:.2e}"
+        hs = r["host_syncs"]
+        assert hs["model_parallel"] == [] and hs["sampled_static"] == [], hs
+        assert hs["sampled_in_batch"] == ["_local_scalar_dense"], hs  # the documented count read
+        assert len(hs["validated"]) == 1, hs  # the label check's one bool
+        assert len(r["errors"]["messages"]) == 1 and "outside [0, 11)" in r["errors"]["messages"][0]
+    print(json.dumps(res, indent=1))
+
+
+def test_three_ranks(tmp_path):
+    res = _run(3, tmp_path, [("invariant", {"backend": "reference"}), ("errors", {}),
+                             ("checkpoint", {"ckpt": _ckpt2(tmp_path)})])
+    _check_invariant(res, 3)
+    print(json.dumps(res, indent=1))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="expface_kernels._C is not built")
+def test_two_ranks_auto_backend(tmp_path):
+    res = _run(2, tmp_path, [("invariant", {"backend": "auto"})])
+    _check_invariant(res, 2)
+
+
+# --- single process, no process group --------------------------------------------------
+
+
+def test_world_size_one_without_process_group():
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    c, d, b = 13, 8, 6
+    head = ShardedMarginSoftmaxLoss(c, d, backend="chunked", seed=3)
+    assert (head.rank, head.world_size, head.class_start, head.num_local) == (0, 1, 0, c)
+    assert head.group is None
+    assert torch.equal(head.weight, init_weight_rows(0, c, d, 3))
+    x = torch.randn(b, d, requires_grad=True)
+    y = torch.tensor([0, 3, -1, 12, 5, 3])
+    loss = head(x, y)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    w2 = head.weight.detach().clone().requires_grad_()
+    ref = ek.margin_softmax_loss(x2, w2, y, backend="reference")
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    assert _rel(x.grad, x2.grad) < F32_RTOL and _rel(head.weight.grad, w2.grad) < F32_RTOL
+    assert torch.equal(head.gather_weight(), head.weight)
+
+    # Sampling in one process: equal to the loss over the sampled classes.
+    hs = ShardedMarginSoftmaxLoss(c, d, backend="chunked", seed=3, sample_rate=0.5)
+    x.grad = None
+    loss = hs(x, y)
+    loss.backward()
+    idx = hs.sampled_index
+    assert set([0, 3, 5, 12]) <= set(idx.tolist()) and len(idx) == 6
+    w_sub = hs.weight.detach()[idx].clone().requires_grad_()
+    pos = {int(cl): i for i, cl in enumerate(idx)}
+    y_sub = torch.tensor([pos[v] if v >= 0 else -1 for v in y.tolist()])
+    ref = ek.margin_softmax_loss(x2.detach(), w_sub, y_sub, backend="reference")
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_grad_scale_single_process():
+    torch.manual_seed(0)
+    head = ShardedMarginSoftmaxLoss(7, 4, backend="chunked", embedding_grad_scale=3.0)
+    x = torch.randn(5, 4, requires_grad=True)
+    head(x, torch.tensor([0, 1, 2, 3, 4])).backward()
+    g = x.grad.clone()
+    x.grad = None
+    ek.margin_softmax_loss(x, head.weight.detach(), torch.tensor([0, 1, 2, 3, 4]),
+                           backend="chunked").backward()
+    assert torch.allclose(g, 3.0 * x.grad, rtol=1e-6, atol=0)
+
+
+def test_shard_bounds_and_reshard():
+    for c, w in [(11, 2), (11, 3), (10, 5), (7, 7), (1000, 8)]:
+        bounds = [shard_bounds(c, w, r) for r in range(w)]
+        assert bounds[0][0] == 0 and sum(n for _, n in bounds) == c
+        assert all(bounds[r][0] + bounds[r][1] == bounds[r + 1][0] for r in range(w - 1))
+        sizes = [n for _, n in bounds]
+        assert sizes == [c // w + (r < c % w) for r in range(w)]
+    full = init_weight_rows(0, 11, 5, seed=1)
+    s2 = [shard_weight(full, 2, r) for r in range(2)]
+    s3 = reshard(s2, 3)
+    assert [t.shape[0] for t in s3] == [4, 4, 3]
+    assert torch.equal(torch.cat(s3), full)
+    assert torch.equal(torch.cat(reshard(s3, 2)), full)
+    # The seeded init is world-size independent, across chunk boundaries too.
+    c = 2 * INIT_CHUNK_ROWS + 17
+    big = init_weight_rows(0, c, 3, seed=5)
+    for w in (3, 4):
+        parts = [init_weight_rows(*shard_bounds(c, w, r), 3, seed=5) for r in range(w)]
+        assert torch.equal(torch.cat(parts), big)
+    assert abs(big.std().item() - 0.01) < 1e-3
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sample_rate"):
+        ShardedMarginSoftmaxLoss(10, 4, sample_rate=1.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        ShardedMarginSoftmaxLoss(0, 4)
+    with pytest.raises(ValueError, match="embedding_size"):
+        ShardedMarginSoftmaxLoss(10, 0)
+    with pytest.raises(ValueError, match="group"):
+        ShardedMarginSoftmaxLoss(10, 4, group=object())
+    with pytest.raises(ValueError, match="margin"):
+        ShardedMarginSoftmaxLoss(10, 4, margin="nope")
+    with pytest.raises(ValueError, match="s must be"):
+        ShardedMarginSoftmaxLoss(10, 4, s=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        ShardedMarginSoftmaxLoss(10, 4, backend="nope")
+    with pytest.raises(ValueError, match="num_classes must be an int >= world_size"):
+        shard_bounds(2, 3, 0)
+    head = ShardedMarginSoftmaxLoss(10, 4, backend="chunked")
+    with pytest.raises(ValueError, match="local_embeddings"):
+        head(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="local_labels"):
+        head(torch.randn(3, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="local_labels"):
+        head(torch.randn(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"labels\[1\] = 10 is outside \[0, 10\)"):
+        head(torch.randn(3, 4), torch.tensor([0, 10, -1]))
+    with pytest.raises(ValueError, match="full_weight"):
+        head.load_full_weight(torch.zeros(9, 4))

@@ -1,0 +1,112 @@
+"""Bad input raises a clear exception naming the argument (DESIGN §2)."""
+
+import pytest
+import torch
+
+import expface_kernels as ek
+from expface_kernels import backends
+
+
+def ok():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 3, 9, -1])
+
+
+def call(x=None, w=None, y=None, **kw):
+    x0, w0, y0 = ok()
+    return ek.margin_softmax_loss(x0 if x is None else x, w0 if w is None else w,
+                                  y0 if y is None else y, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("label", [10, 11, -2, 2**40])
+def test_label_out_of_range(backend, label):
+    y = torch.tensor([0, 3, label, -1])
+    with pytest.raises(ValueError, match=r"labels\[2\] = .* outside \[0, 10\)"):
+        call(y=y, backend=backend)
+
+
+def test_label_equal_to_custom_ignore_index_is_fine():
+    y = torch.tensor([0, 3, -100, 2])
+    assert torch.isfinite(call(y=y, ignore_index=-100))
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        call(ignore_index=-100)  # the default labels hold a -1
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(x=torch.randn(4, 8).long()), TypeError, "embeddings must be float16"),
+    (dict(w=torch.randint(0, 3, (10, 8))), TypeError, "weight must be float16"),
+    (dict(x=torch.randn(4, 8, 2)), ValueError, r"embeddings must be 2-D \(B, D\)"),
+    (dict(x=torch.randn(8)), ValueError, r"embeddings must be 2-D"),
+    (dict(w=torch.randn(10)), ValueError, r"weight must be 2-D \(C, D\)"),
+    (dict(w=torch.randn(10, 7)), ValueError, "weight must have D=8 columns"),
+    (dict(w=torch.randn(0, 8)), ValueError, "weight must have at least one class"),
+    (dict(x=torch.randn(0, 8), y=torch.zeros(0, dtype=torch.long)), ValueError, "at least one row"),
+    (dict(y=torch.tensor([0, 1, 2])), ValueError, r"labels must have shape \(B,\)=\(4,\)"),
+    (dict(y=torch.tensor([[0, 1, 2, 3]])), ValueError, r"labels must have shape"),
+    (dict(y=torch.tensor([0.0, 1, 2, 3])), TypeError, "labels must be int64 or int32"),
+    (dict(y=torch.tensor([0, 1, 2, 3], dtype=torch.int16)), TypeError, "labels must be int64 or int32"),
+    (dict(y=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
+    (dict(x=[[0.0] * 8] * 4), TypeError, "embeddings must be a torch.Tensor"),
+    (dict(s=0.0), ValueError, "s must be a finite number > 0"),
+    (dict(s=-64.0), ValueError, "s must be"),
+    (dict(s=float("inf")), ValueError, "s must be"),
+    (dict(s="64"), ValueError, "s must be"),
+    (dict(margin="magface"), ValueError, "margin must be one of"),
+    (dict(margin="expface", m=1.5), ValueError, "m for margin='expface' must satisfy 0 < m <= 1"),
+    (dict(margin="combined", m=0.5), ValueError, "m for margin='combined'"),
+    (dict(margin_grad="ste"), ValueError, "margin_grad must be one of"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of"),
+])
+def test_bad_arguments(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(**kw)
+
+
+def test_device_mismatch_named():
+    x, w, y = ok()
+    meta_w = torch.empty(10, 8, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta but embeddings are on cpu"):
+        ek.margin_softmax_loss(x, meta_w, y)
+    with pytest.raises(ValueError, match="labels are on meta"):
+        ek.margin_softmax_loss(x, w, y.to("meta"))
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    """An explicit backend that cannot run raises with its reason; available_backends()
+    reports a reason string for every backend that cannot run here."""
+    monkeypatch.setitem(backends._loaded, "extension", "cannot import expface_kernels.extension: not built")
+    with pytest.raises(RuntimeError, match="backend 'extension' .*not built"):
+        call(backend="extension")
+    report = ek.available_backends("cpu")
+    assert set(report) == {"reference", "chunked", "triton", "extension"}
+    assert report["reference"] is None and report["chunked"] is None
+    assert report["extension"] == "cannot import expface_kernels.extension: not built"
+    assert all(v is None or (isinstance(v, str) and v) for v in report.values())
+
+
+def test_auto_lists_every_reason(monkeypatch):
+    def never(x, w):
+        return ["it never runs"]
+
+    for name in ("extension", "chunked"):
+        monkeypatch.setitem(backends._loaded, name, backends.Backend(name, None, None, never))
+    with pytest.raises(RuntimeError, match="extension: it never runs; chunked: it never runs"):
+        call(backend="auto")
+
+
+def test_cuda_report_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    report = ek.available_backends("cuda")
+    assert all(v == "no CUDA device is available" for v in report.values())
+
+
+def test_module_arguments():
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        ek.ExpFaceLoss(0, 8)
+    with pytest.raises(ValueError, match="embedding_size must be a positive int"):
+        ek.ArcFaceLoss(10, -1)
+    with pytest.raises(ValueError, match="m for margin='expface'"):
+        ek.ExpFaceLoss(10, 8, m=2.0)

@@ -1,0 +1,272 @@
+"""Every CPU backend against the float64 autograd reference (reference_loss).
+
+Triton has its own file (tests/test_triton.py): under the CPU interpreter it is too slow
+for this whole matrix.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import expface_kernels as ek
+from expface_kernels import chunked
+
+from util import MARGIN_CASES, ground_truth, loss_and_grads, make_inputs, max_rel_err
+
+CPU_BACKENDS = [n for n, why in ek.available_backends("cpu").items() if why is None and n != "triton"]
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 37, 7), (17, 130, 33), (8, 700, 5)]
+
+
+def run(backend, x, w, y, margin="expface", m=None, **kw):
+    return loss_and_grads(lambda: ek.margin_softmax_loss(x, w, y, margin, m=m, backend=backend, **kw), x, w)
+
+
+def assert_close_to_truth(got, truth, tol=1e-9):
+    for a, b, what in zip(got, truth, ("loss", "grad_x", "grad_w")):
+        assert a.dtype == b.dtype or what != "loss"
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
+
+
+def test_cpu_backends_listed():
+    assert {"reference", "chunked"} <= set(CPU_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("margin,m", MARGIN_CASES)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+def test_margins_and_modes(backend, margin, m, margin_grad):
+    x, w, y = make_inputs(6, 41, 9, ignore=(2,))
+    got = run(backend, x, w, y, margin, m, margin_grad=margin_grad)
+    assert_close_to_truth(got, ground_truth(x, w, y, margin, m, margin_grad=margin_grad))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("b,c,d", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shapes_and_reductions(backend, b, c, d, reduction):
+    x, w, y = make_inputs(b, c, d, seed=b * c + d, ignore=(0,) if b > 2 else ())
+    got = run(backend, x, w, y, reduction=reduction)
+    assert_close_to_truth(got, ground_truth(x, w, y, "expface", reduction=reduction))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_many_chunks(backend, monkeypatch):
+    """C spans several chunks, the last one partial; targets in every chunk."""
+    monkeypatch.setattr(chunked, "TILE_BYTES", 5 * 8 * 256)  # 256 classes a chunk at B=5
+    x, w, y = make_inputs(5, 256 * 3 + 77, 4)
+    y[:4] = torch.tensor([0, 255, 256, 256 * 3 + 76])
+    got = run(backend, x, w, y, "arcface")
+    assert_close_to_truth(got, ground_truth(x, w, y, "arcface"))
+
+
+@settings(max_examples=25, deadline=None)
+# d >= 2: with D = 1 every cosine is ±1 up to an ulp, where θ = acos(c) amplifies the
+# ulp that two equally right ways of computing c differ by to ~1e-8 (D = 1 is covered
+# by SHAPES, at angles where that does not bite, and by the exact-hit test).
+@given(b=st.integers(1, 9), c=st.integers(1, 300), d=st.integers(2, 40),
+       margin=st.sampled_from([m for m, _ in MARGIN_CASES]), seed=st.integers(0, 2**16),
+       reduction=st.sampled_from(["mean", "sum", "none"]),
+       margin_grad=st.sampled_from(["exact", "straight_through"]))
+def test_chunked_random_shapes(b, c, d, margin, seed, reduction, margin_grad):
+    x, w, y = make_inputs(b, c, d, seed=seed)
+    got = run("chunked", x, w, y, margin, reduction=reduction, margin_grad=margin_grad)
+    want = ground_truth(x, w, y, margin, reduction=reduction, margin_grad=margin_grad)
+    # Away from the derivative clamp the exact mode equals autograd of the formula.
+    assert_close_to_truth(got, want, tol=1e-8)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("margin,m", MARGIN_CASES)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+def test_gradcheck(backend, margin, m, margin_grad):
+    """Finite differences of the forward against the backward, float64.
+
+    Straight-through is by design not the derivative of its forward unless ψ' = 1
+    (cosface, none); for the other margins its backward is checked against autograd of
+    the surrogate (test_margins_and_modes, test_straight_through_equals_insightface_recipe)
+    and here against the finite differences of the margin-free loss it must equal."""
+    x, w, y = make_inputs(3, 11, 5, ignore=(1,))
+    if margin_grad == "straight_through" and margin not in ("cosface", "none"):
+        check_straight_through_by_finite_differences(backend, x, w, y, margin, m)
+        return
+    torch.autograd.gradcheck(
+        lambda a, b: ek.margin_softmax_loss(a, b, y, margin, m=m, s=8.0, margin_grad=margin_grad,
+                                            backend=backend),
+        (x, w))
+
+
+def check_straight_through_by_finite_differences(backend, x, w, y, margin, m, s=8.0):
+    """ST gradient at (x, w) == the true gradient of the loss whose target logit is
+    s·c_iy + δ_i with δ_i = s·(ψ(c_iy) − c_iy) frozen at (x, w). That loss is
+    margin 'none' with a per-row additive shift, which F.cross_entropy expresses via a
+    one-hot shifted logit matrix; its gradient comes from central finite differences."""
+    spec, mv = ek.margins.resolve_margin(margin, m)
+    with torch.no_grad():
+        c = F.normalize(x) @ F.normalize(w).t()
+        keep = y != -1
+        c_t = c[torch.arange(len(y)), y.clamp_min(0)]
+        delta = torch.where(keep, s * (spec.psi(c_t, mv) - c_t), torch.zeros_like(c_t))
+        shift = torch.zeros_like(c).scatter(1, y.clamp_min(0).unsqueeze(1), delta.unsqueeze(1))
+
+    def surrogate(a, b):
+        logits = s * F.normalize(a) @ F.normalize(b).t() + shift
+        return F.cross_entropy(logits, y, ignore_index=-1)
+
+    a0, b0 = x.detach().clone(), w.detach().clone()
+    _, gx, gw = run(backend, x, w, y, margin, m, s=s, margin_grad="straight_through")
+    for t, got in ((a0, gx), (b0, gw)):
+        num = torch.empty_like(t)
+        for k in range(t.numel()):
+            old = t.view(-1)[k].item()
+            t.view(-1)[k] = old + 1e-6
+            up = surrogate(a0, b0)
+            t.view(-1)[k] = old - 1e-6
+            down = surrogate(a0, b0)
+            t.view(-1)[k] = old
+            num.view(-1)[k] = (up - down) / 2e-6
+        torch.testing.assert_close(got, num, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_reduction_none(backend):
+    x, w, y = make_inputs(4, 9, 3)
+    torch.autograd.gradcheck(
+        lambda a, b: ek.margin_softmax_loss(a, b, y, "expface", s=4.0, reduction="none", backend=backend),
+        (x, w))
+
+
+# --- F.cross_entropy semantics ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-1, -100, 3])
+def test_margin_none_is_cross_entropy(backend, reduction, ignore_index):
+    """margin='none' is F.cross_entropy over s·cos, with ignore_index and reductions."""
+    x, w, y = make_inputs(7, 13, 6)
+    y[[1, 4]] = ignore_index
+    logits = 30.0 * F.normalize(x.detach()) @ F.normalize(w.detach()).t()
+    want = F.cross_entropy(logits, y, reduction=reduction, ignore_index=ignore_index)
+    got = ek.margin_softmax_loss(x, w, y, "none", s=30.0, reduction=reduction,
+                                 ignore_index=ignore_index, backend=backend)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignored_rows_have_zero_gradient(backend):
+    x, w, y = make_inputs(5, 9, 4, ignore=(0, 3))
+    _, gx, _ = run(backend, x, w, y)
+    assert gx[[0, 3]].abs().max() == 0 and gx[[1, 2, 4]].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_ignored_mean_is_nan(backend):
+    x, w, y = make_inputs(3, 5, 4, ignore=(0, 1, 2))
+    assert torch.isnan(ek.margin_softmax_loss(x, w, y, backend=backend))
+    assert ek.margin_softmax_loss(x, w, y, reduction="sum", backend=backend) == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int32_labels(backend):
+    x, w, y = make_inputs(6, 20, 5, label_dtype=torch.int32, ignore=(2,))
+    got = run(backend, x, w, y)
+    assert_close_to_truth(got, ground_truth(x, w, y.long(), "expface"))
+
+
+# --- dtypes ----------------------------------------------------------------------------
+
+LOW = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+       (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", LOW)
+def test_low_precision_error_bound(backend, x_dtype, w_dtype):
+    """Error vs float64 at most 2x that of the reference computed in the same low
+    precision (DESIGN §5); output dtypes as the contract says."""
+    x, w, y = make_inputs(16, 300, 64, dtype=x_dtype, w_dtype=w_dtype, seed=3, ignore=(5,))
+    got = run(backend, x, w, y, s=32.0)
+    truth = ground_truth(x, w, y, "expface", s=32.0)
+    # "The same low precision" for mixed inputs is the lower one: what autocast would
+    # run the naive loss in (fp16 x with fp32 W -> fp16).
+    low = x_dtype if torch.finfo(x_dtype).bits < torch.finfo(w_dtype).bits else w_dtype
+    xl, wl = x.detach().to(low).requires_grad_(), w.detach().to(low).requires_grad_()
+    yard = loss_and_grads(lambda: ek.reference_loss(xl, wl, y, "expface", s=32.0, compute_dtype=low), xl, wl)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == x_dtype and got[2].dtype == w_dtype
+    for g, t, r, what in zip(got, truth, yard, ("loss", "grad_x", "grad_w")):
+        bound = 2 * max_rel_err(r, t) + 1e-6
+        assert max_rel_err(g, t) <= bound, (what, max_rel_err(g, t), bound)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float64_mixed_is_float64(backend):
+    x, w, y = make_inputs(3, 7, 4, dtype=torch.float32, w_dtype=torch.float64)
+    loss, gx, gw = run(backend, x, w, y)
+    assert loss.dtype == torch.float64 and gx.dtype == torch.float32 and gw.dtype == torch.float64
+
+
+# --- special values ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "w"])
+def test_nonfinite_input_gives_nan_loss(backend, bad, where):
+    x, w, y = make_inputs(4, 6, 3, dtype=torch.float32)
+    with torch.no_grad():
+        (x if where == "x" else w)[1, 2] = bad
+    loss = ek.margin_softmax_loss(x, w, y, backend=backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("margin,m", MARGIN_CASES)
+def test_zero_vectors_and_exact_hits_are_finite(backend, margin, m):
+    """A zero embedding, a zero centre, and an embedding exactly on its centre (c = 1,
+    where ψ' is singular) give a finite loss and finite gradients."""
+    x, w, y = make_inputs(4, 6, 3, dtype=torch.float32)
+    with torch.no_grad():
+        x[0] = 0
+        w[y[1]] = 0
+        x[2] = w[y[2]] * 3.0
+        x[3] = -w[y[3]]
+    loss, gx, gw = run(backend, x, w, y, margin, m)
+    assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+
+
+# --- the training recipe of insightface / the ExpFace authors -------------------------------
+
+def insightface_recipe(x, w, y, s, m):
+    """Written independently of the library: normalise, linear, then the margin applied
+    IN PLACE under torch.no_grad() on the target logits, as arcface_torch's
+    CombinedMarginLoss and the ExpFace release do; then F.cross_entropy."""
+    logits = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+    idx = torch.where(y != -1)[0]
+    with torch.no_grad():
+        t = logits[idx, y[idx]]
+        theta = torch.arccos(t)
+        logits[idx, y[idx]] = torch.cos(math.pi * torch.pow(theta / math.pi, m))
+    return F.cross_entropy(logits * s, y, ignore_index=-1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_straight_through_equals_insightface_recipe(backend):
+    x, w, y = make_inputs(9, 50, 16, ignore=(4,))
+    want = loss_and_grads(lambda: insightface_recipe(x, w, y, 64.0, 0.7), x, w)
+    got = run(backend, x, w, y, "expface", 0.7, margin_grad="straight_through")
+    assert_close_to_truth(got, want)
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph(backend):
+    x, w, y = make_inputs(5, 300, 8, dtype=torch.float32, ignore=(1,))
+    fn = torch.compile(lambda a, b, t: ek.margin_softmax_loss(a, b, t, "expface", backend=backend),
+                       fullgraph=True, backend="inductor")
+    got = loss_and_grads(lambda: fn(x, w, y), x, w)
+    want = run(backend, x, w, y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,377 @@
+"""The Triton backend: kernels against the float64 contract formulas and the reference.
+
+Without a CUDA device the kernels run in Triton's CPU interpreter (exact fp32, no bf16),
+so TRITON_INTERPRET=1 must be set before triton is imported -- done here at the very top
+(and in conftest.py) so that this module also works when run on its own. Shapes are
+small and odd (C not a multiple of any tile, C smaller than a tile, D odd, B = 1) and
+the interpreter launch configs (configs.py) cut even these into several class splits
+and backward chunks, so every path of the kernels runs.
+
+GPU-only tests (bf16/fp16, 2^31-element W, the GPU launch configs) skip without CUDA.
+"""
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch  # importing torch does not import triton
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import expface_kernels as ek
+from expface_kernels import backends
+
+from util import MARGIN_CASES, ground_truth, loss_and_grads, make_inputs, max_rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_WHY = ek.available_backends("cuda" if HAS_CUDA else "cpu")["triton"]
+pytestmark = pytest.mark.skipif(TRITON_WHY is not None, reason=f"triton backend: {TRITON_WHY}")
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _tk():
+    from expface_kernels.triton_kernels import configs, grads_backward, lse_forward, ops
+    return configs, lse_forward, grads_backward, ops
+
+
+# --------------------------------------------------------------------------------------
+# The contract formulas in float64 (/tmp/contract.md), independent of the package.
+
+
+def contract_lse_partials(x_hat, w, target_logit, labels, s, offset):
+    x, w = x_hat.double(), w.double()
+    inv = 1.0 / w.norm(dim=1).clamp_min(1e-12)
+    z = s * (x @ w.t()) * inv
+    col = labels.long() - offset
+    hit = torch.nonzero((col >= 0) & (col < w.shape[0])).squeeze(1)
+    z[hit, col[hit]] = target_logit.double()[hit]
+    m = z.max(1).values
+    return m, torch.exp(z - m[:, None]).sum(1), inv
+
+
+def contract_grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row, s, offset):
+    x, w, inv = x_hat.double(), w.double(), w_inv.double()
+    c = (x @ w.t()) * inv
+    G = grad_row.double()[:, None] * s * torch.exp(s * c - lse.double()[:, None])
+    col = labels.long() - offset
+    hit = torch.nonzero((col >= 0) & (col < w.shape[0])).squeeze(1)
+    G[hit, col[hit]] = target_grad.double()[hit]
+    w_hat = w * inv[:, None]
+    gx = G @ w_hat
+    g = G.t() @ x
+    radial = (w_hat * g).sum(1, keepdim=True)
+    radial = torch.where((inv < 1e12)[:, None], radial, torch.zeros_like(radial))
+    # Second value: the scale of grad_w before the projection (grad_w itself is ~0 when
+    # D = 1: a 1-D direction has no tangent), used to normalise its error.
+    return gx, inv[:, None] * (g - w_hat * radial), (inv[:, None] * g).abs().max()
+
+
+def primitive_inputs(b, c, d, offset, seed=0, s=30.0, dtype=torch.float32, w_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    x_hat = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64) * 0.05
+    # Labels spread over a wider global range than the block: some rows have their
+    # target here, some in other blocks, row 0 is ignored (-1).
+    labels = torch.randint(max(0, offset - 3), offset + c + 3, (b,), generator=g)
+    labels[0] = -1
+    tlogit = s * (torch.rand(b, generator=g, dtype=torch.float64) * 1.6 - 0.8)
+    lse = s * (0.9 + 0.2 * torch.rand(b, generator=g, dtype=torch.float64)) + math.log(c + 1)
+    tgrad = torch.randn(b, generator=g, dtype=torch.float64)
+    grow = torch.rand(b, generator=g, dtype=torch.float64)
+    tgrad[0] = grow[0] = 0.0
+    f32 = dict(device=DEV, dtype=torch.float32)
+    return dict(x_hat=x_hat.to(device=DEV, dtype=dtype), w=w.to(device=DEV, dtype=w_dtype or dtype),
+                target_logit=tlogit.to(**f32), labels=labels.to(DEV), lse=lse.to(**f32),
+                target_grad=tgrad.to(**f32), grad_row=grow.to(**f32), s=s, offset=offset)
+
+
+def run_primitives(a, fwd_config=None, grads_config=None):
+    _, lse_forward, grads_backward, _ = _tk()
+    m, se, inv = lse_forward.lse_partials(a["x_hat"], a["w"], a["target_logit"], a["labels"],
+                                          a["s"], a["offset"], config=fwd_config)
+    gx, gw = grads_backward.grads(a["x_hat"], a["w"], inv, a["labels"], a["lse"], a["target_grad"],
+                                  a["grad_row"], a["s"], a["offset"], config=grads_config)
+    return m, se, inv, gx, gw
+
+
+def check_primitives(a, tol=1e-5, **cfg):
+    m, se, inv, gx, gw = run_primitives(a, **cfg)
+    rm, rse, rinv = contract_lse_partials(a["x_hat"], a["w"], a["target_logit"], a["labels"],
+                                          a["s"], a["offset"])
+    rgx, rgw, gw_scale = contract_grads(a["x_hat"], a["w"], rinv, a["labels"], a["lse"],
+                                        a["target_grad"], a["grad_row"], a["s"], a["offset"])
+    assert m.dtype == se.dtype == inv.dtype == gx.dtype == torch.float32
+    assert gw.dtype == a["w"].dtype and gw.shape == a["w"].shape and gx.shape == a["x_hat"].shape
+    for name, got, want in (("row_max", m, rm), ("row_sumexp", se, rse), ("w_inv_norm", inv, rinv),
+                            ("grad_x", gx, rgx), ("grad_w", gw, rgw)):
+        if name == "grad_w":
+            err = float((got.cpu().double() - want.cpu()).abs().max() / gw_scale.clamp_min(1e-30))
+        else:
+            err = max_rel_err(got.cpu(), want.cpu())
+        assert err <= tol, f"{name}: max rel err {err:.3g} > {tol}"
+
+
+# --------------------------------------------------------------------------------------
+# Primitives (the kernels themselves) against the contract.
+
+SHAPES = [(1, 1, 1), (1, 5, 7), (3, 37, 33), (17, 130, 33), (17, 130, 7), (3, 130, 1)]
+
+
+@pytest.mark.parametrize("b,c,d", SHAPES)
+@pytest.mark.parametrize("offset", [0, 20])
+def test_primitives_match_contract(b, c, d, offset):
+    check_primitives(primitive_inputs(b, c, d, offset, seed=b * 1000 + c + d))
+
+
+def test_primitives_many_splits_and_chunks():
+    """Tiny tiles: many row tiles, class splits, backward chunks and dx splits at once."""
+    configs, _, _, _ = _tk()
+    t = configs.GemmTile(16, 16, 16, 4, 1)
+    fwd = configs.ForwardConfig(t, target_programs=7)
+    grd = configs.GradsConfig(t, t, t, chunk_bytes=37 * 48 * 4, target_programs=64,
+                              max_dx_partial_bytes=1 << 20)
+    check_primitives(primitive_inputs(37, 130, 33, 5, seed=3), fwd_config=fwd, grads_config=grd)
+
+
+def test_int32_labels_and_block_without_targets():
+    a = primitive_inputs(17, 37, 7, offset=0, seed=4)
+    a["labels"] = a["labels"].to(torch.int32)
+    check_primitives(a)
+    # A block far from every label: nothing substituted, target_grad unused.
+    b = primitive_inputs(5, 37, 7, offset=1000, seed=5)
+    b["labels"] = torch.tensor([-1, 3, 4, 5, 999], device=DEV)
+    check_primitives(b)
+
+
+def test_zero_and_tiny_centres():
+    """Zero / below-the-floor W rows: finite, and no radial projection (F.normalize)."""
+    a = primitive_inputs(9, 37, 7, offset=0, seed=6)
+    w = a["w"].clone()
+    w[3] = 0.0
+    w[5] = 1e-14  # ||W_5|| < 1e-12: inverse norm clamped to 1e12
+    a["w"] = w
+    a["x_hat"][2] = 0.0  # a zero embedding
+    m, se, inv, gx, gw = run_primitives(a)
+    for t in (m, se, inv, gx, gw):
+        assert torch.isfinite(t).all()
+    check_primitives(a, tol=1e-5)
+
+
+def test_nan_input_gives_nan():
+    a = primitive_inputs(5, 37, 7, offset=0, seed=7)
+    a["x_hat"][1, 2] = float("nan")
+    m, se, _, _, _ = run_primitives(a)
+    lse = m + torch.log(se)
+    assert torch.isnan(lse[1])
+    assert torch.isfinite(lse[[0, 2, 3, 4]]).all()
+
+
+def test_mixed_dtype_fp16_x_fp32_w():
+    """fp16 embeddings with fp32 W: the GEMM in fp16 (interpreter: numpy fp16 -> fp32 acc)."""
+    a = primitive_inputs(17, 130, 33, offset=0, seed=8, dtype=torch.float16, w_dtype=torch.float32)
+    m, se, inv, gx, gw = run_primitives(a)
+    assert gw.dtype == torch.float32
+    rm, rse, rinv = contract_lse_partials(a["x_hat"], a["w"], a["target_logit"], a["labels"], a["s"], 0)
+    assert max_rel_err(inv.cpu(), rinv.cpu()) < 1e-6  # norms from the fp32 tile
+    # W rounded to fp16 for the GEMM: ~2^-11 relative on each cosine, times s = 30.
+    assert max_rel_err(m.cpu(), rm.cpu()) < 5e-3
+    lse = (m.double() + se.double().log()).cpu()
+    rlse = (rm + rse.log()).cpu()
+    assert (lse - rlse).abs().max() < 0.05
+
+
+def test_fake_impls_match_real_outputs():
+    """register_fake gives the same shapes/dtypes as the kernels (torch.library.opcheck)."""
+    _, _, _, ops = _tk()
+    a = primitive_inputs(3, 37, 7, offset=0, seed=9)
+    torch.library.opcheck(ops.lse_partials, (a["x_hat"], a["w"], a["target_logit"], a["labels"], a["s"], 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    _, _, inv = ops.lse_partials(a["x_hat"], a["w"], a["target_logit"], a["labels"], a["s"], 0)
+    torch.library.opcheck(ops.grads, (a["x_hat"], a["w"], inv, a["labels"], a["lse"], a["target_grad"],
+                                      a["grad_row"], a["s"], 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_unsupported_reasons():
+    be = backends.get_backend("triton")
+    x = torch.zeros(2, 3, device=DEV)
+    assert be.unsupported_reasons(x, x) == []
+    why = be.unsupported_reasons(x.double(), x)
+    assert why and "float64" in why[0]
+    if not HAS_CUDA:
+        assert any("bfloat16" in r for r in be.unsupported_reasons(x.bfloat16(), x))
+    with pytest.raises(RuntimeError, match="float64"):
+        ek.margin_softmax_loss(x.double(), x.double(), torch.zeros(2, dtype=torch.long, device=DEV),
+                               backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# Through the public API: margins (through the prologue), modes, reductions, ignored rows.
+
+
+def api(backend, x, w, y, margin="expface", m=None, **kw):
+    return loss_and_grads(lambda: ek.margin_softmax_loss(x, w, y, margin, m=m, backend=backend, **kw), x, w)
+
+
+def assert_close_to_truth(got, want, tol):
+    for name, g, t in zip(("loss", "grad_x", "grad_w"), got, want):
+        err = max_rel_err(g.cpu(), t.cpu())
+        assert err <= tol, f"{name}: max rel err {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("margin,m", MARGIN_CASES)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+def test_api_margins_and_modes(margin, m, margin_grad):
+    x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, seed=11, ignore=(1,), device=DEV)
+    got = api("triton", x, w, y, margin, m, margin_grad=margin_grad)
+    want = ground_truth(x, w, y, margin, m, margin_grad=margin_grad)
+    if margin_grad == "exact":
+        # reference_loss has the true (unclamped) psi'; the random cosines here are far
+        # from the +-1 clamp, so the two agree.
+        pass
+    assert_close_to_truth(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (1, 130, 33), (17, 130, 7), (3, 5, 33)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_api_shapes_and_reductions(b, c, d, reduction):
+    x, w, y = make_inputs(b, c, d, dtype=torch.float32, seed=b + c + d, device=DEV,
+                          ignore=(0,) if b > 2 else ())
+    got = api("triton", x, w, y, "arcface", reduction=reduction)
+    want = ground_truth(x, w, y, "arcface", reduction=reduction)
+    assert_close_to_truth(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100, 3])
+def test_api_ignored_rows(ignore_index):
+    x, w, y = make_inputs(6, 37, 7, dtype=torch.float32, seed=13, device=DEV)
+    y[1] = ignore_index
+    y[4] = ignore_index
+    got = api("triton", x, w, y, "cosface", ignore_index=ignore_index)
+    want = ground_truth(x, w, y, "cosface", ignore_index=ignore_index)
+    assert_close_to_truth(got, want, 2e-5)
+    if ignore_index == -100 or ignore_index == -1:
+        assert got[1][1].abs().max() == 0 and got[1][4].abs().max() == 0
+
+
+def test_api_all_ignored_mean_is_nan():
+    x, w, y = make_inputs(3, 37, 7, dtype=torch.float32, seed=14, device=DEV, ignore=(0, 1, 2))
+    assert torch.isnan(ek.margin_softmax_loss(x, w, y, backend="triton"))
+
+
+def test_api_matches_reference_backend_int32_labels():
+    x, w, y = make_inputs(17, 130, 33, dtype=torch.float32, seed=15, device=DEV,
+                          label_dtype=torch.int32, ignore=(2,))
+    got = api("triton", x, w, y, "expface", reduction="sum")
+    want = api("reference", x, w, y, "expface", reduction="sum")
+    assert_close_to_truth(got, want, 2e-5)
+
+
+def test_api_mixed_dtypes_within_twice_the_low_precision_reference():
+    """fp16 embeddings + fp32 W: error vs float64 <= 2x the fp16 reference's (DESIGN §5)."""
+    x, w, y = make_inputs(17, 130, 33, dtype=torch.float16, w_dtype=torch.float32, seed=16, device=DEV)
+    got = api("triton", x, w, y, "expface", s=16.0)
+    want = ground_truth(x, w, y, "expface", s=16.0)
+    low = ek.reference_loss(x.detach(), w.detach(), y, "expface", s=16.0, compute_dtype=torch.float16)
+    err = abs(float(got[0]) - float(want[0]))
+    err_low = abs(float(low) - float(want[0]))
+    assert err <= max(2 * err_low, 1e-3), (err, err_low)
+    assert got[1].dtype == torch.float16 and got[2].dtype == torch.float32
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) over the triton backend, forward and backward."""
+    x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, seed=17, device=DEV, ignore=(3,))
+
+    def f(a, b, t):
+        return ek.margin_softmax_loss(a, b, t, "expface", backend="triton")
+
+    torch._dynamo.reset()
+    # Inductor on CPU too (~20 s on 2 cores): the custom ops' fake impls are traced by
+    # dynamo/AOTAutograd and the real launches run (interpreted) inside the graph.
+    compiled = torch.compile(f, fullgraph=True)
+    got = loss_and_grads(lambda: compiled(x, w, y), x, w)
+    want = ground_truth(x, w, y, "expface")
+    assert_close_to_truth(got, want, 2e-5)
+
+
+# --------------------------------------------------------------------------------------
+# GPU only.
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("margin", ["expface", "arcface", "none"])
+def test_gpu_low_precision_within_twice_reference(dtype, w_dtype, margin):
+    x, w, y = make_inputs(256, 5000, 512, dtype=dtype, w_dtype=w_dtype, seed=18, device="cuda")
+    with torch.no_grad():
+        w.mul_(0.05)
+    got = api("triton", x, w, y, margin)
+    want = ground_truth(x, w, y, margin)
+    low_dt = dtype if dtype == w_dtype else dtype
+    xl = x.detach().clone().to(low_dt).requires_grad_()
+    wl = w.detach().clone().to(low_dt).requires_grad_()
+    low = loss_and_grads(lambda: ek.reference_loss(xl, wl, y, margin, compute_dtype=low_dt), xl, wl)
+    err = abs(float(got[0]) - float(want[0]))
+    err_low = abs(float(low[0]) - float(want[0]))
+    assert err <= max(2 * err_low, 1e-3), (err, err_low)
+    for i in (1, 2):
+        assert got[i].dtype == (x.dtype if i == 1 else w.dtype)
+        e, el = max_rel_err(got[i], want[i]), max_rel_err(low[i], want[i])
+        assert e <= max(2 * el, 2e-2), (i, e, el)
+
+
+@needs_cuda
+def test_gpu_fp32_matches_contract_all_margins():
+    for margin, m in MARGIN_CASES:
+        x, w, y = make_inputs(300, 3000, 129, dtype=torch.float32, seed=19, device="cuda", ignore=(5,))
+        got = api("triton", x, w, y, margin, m)
+        want = ground_truth(x, w, y, margin, m)
+        tol = 2e-5 if not torch.backends.cuda.matmul.allow_tf32 else 5e-3
+        assert_close_to_truth(got, want, tol)
+
+
+@needs_cuda
+def test_gpu_primitives_default_configs():
+    for b, c, d, off in [(1, 1, 1, 0), (17, 130, 33, 0), (600, 70001, 512, 3), (1024, 40000, 96, 0)]:
+        check_primitives(primitive_inputs(b, c, d, off, seed=b + c), tol=1e-4 if not
+                         torch.backends.cuda.matmul.allow_tf32 else 5e-3)
+
+
+@needs_cuda
+def test_gpu_int64_offsets_beyond_2_31():
+    """W with C*D > 2^31 elements (and B*C > 2^31): compare with the chunked backend."""
+    free, _ = torch.cuda.mem_get_info()
+    b, c, d = 1100, (1 << 21) + 5, 1024
+    if free < 3 * c * d * 2 + (4 << 30):
+        pytest.skip("not enough GPU memory for a 2^31-element W")
+    _, lse_forward, grads_backward, _ = _tk()
+    from expface_kernels import chunked
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x_hat = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).bfloat16()
+    w = (torch.randn(c, d, device="cuda", generator=g) * 0.05).bfloat16()
+    labels = torch.randint(0, c, (b,), device="cuda", generator=g)
+    labels[:8] = c - 1 - torch.arange(8, device="cuda")  # targets at the very end of W
+    tlogit = torch.zeros(b, device="cuda")
+    m, se, inv = lse_forward.lse_partials(x_hat, w, tlogit, labels, 30.0, 0)
+    rm, rse, rinv = chunked.lse_partials(x_hat, w, tlogit, labels, 30.0, 0)
+    assert max_rel_err(inv, rinv) < 1e-5
+    assert (m + se.log() - rm - rse.log()).abs().max() < 2e-2
+    lse = rm + rse.log()
+    grow = torch.full((b,), 1.0 / b, device="cuda")
+    tg = -grow * 0.5
+    gx, gw = grads_backward.grads(x_hat, w, inv, labels, lse, tg, grow, 30.0, 0)
+    rgx, rgw = chunked.grads(x_hat, w, rinv, labels, lse, tg, grow, 30.0, 0)
+    assert max_rel_err(gx, rgx) < 2e-2
+    assert max_rel_err(gw[-4096:], rgw[-4096:]) < 2e-2
+    del w, gw, rgw
+    torch.cuda.empty_cache()
