@@ -62,8 +62,12 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         # Prologue: c_iy from x̂ and the gathered centre (zero where the label is in
         # another rank's block, so that a SUM all-reduce assembles it).
         in_block, col = block_target_index(labels, offset, w.shape[0])
-        w_t = w[col].to(acc)
-        c_t = (x_hat.to(acc) * w_t).sum(1) * inv_norm(w_t, acc)
+        empty = w.shape[0] == 0  # a rank that sampled no class this step (sharded loss)
+        if empty:
+            c_t = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+        else:
+            w_t = w[col].to(acc)
+            c_t = (x_hat.to(acc) * w_t).sum(1) * inv_norm(w_t, acc)
         c_t = _all_reduce(torch.where(in_block, c_t, torch.zeros_like(c_t)), dist.ReduceOp.SUM, group)
         target_logit, target_factor = target_terms(c_t, MARGINS[margin], m, s, margin_grad)
 
@@ -76,10 +80,15 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         fused = (need_grad and group is None and reduction != "none"
                  and be.fused_forward_grads is not None)
         if fused:
-            lse, gx_hat, gw, _ = be.fused_forward_grads(
+            lse, gx_hat, gw, w_inv = be.fused_forward_grads(
                 x_hat, w, target_logit, target_factor, labels, grad_row, s)
         else:
-            row_max, row_sumexp, w_inv = be.lse_partials(x_hat, w, target_logit, labels, s, offset)
+            if empty:  # no column: the neutral partials (max −inf, sum 0)
+                row_max = torch.full_like(target_logit, float("-inf"))
+                row_sumexp = torch.zeros_like(target_logit)
+                w_inv = torch.empty(0, dtype=acc, device=w.device)
+            else:
+                row_max, row_sumexp, w_inv = be.lse_partials(x_hat, w, target_logit, labels, s, offset)
             if group is not None:
                 gmax = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
                 row_sumexp = _all_reduce(row_sumexp * torch.exp(row_max - gmax), dist.ReduceOp.SUM, group)
@@ -94,34 +103,45 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         else:
             loss = loss_rows.sum() / kept.sum()
 
-        ctx.fused = fused
-        ctx.reduction = reduction
         ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
         ctx.x_dtype = x.dtype
-        if not need_grad:
-            return loss
-        if fused:
-            ctx.save_for_backward(x_acc, x_inv, gx_hat, gw)
-        else:
+        # The fused pass's gradients live on ctx, not in save_for_backward: backward
+        # takes them out and scales them in place, so that autograd can hand grad_w to
+        # w.grad without a copy (a saved tensor stays referenced, and AccumulateGrad then
+        # clones it: one extra weight-sized buffer, 2x the weight's gradient in all).
+        ctx.fused = fused
+        ctx.fused_grads = [gx_hat, gw] if fused else None
+        if need_grad:
+            # Enough to recompute the gradients should backward run a second time.
             ctx.save_for_backward(x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit,
                                   target_factor, grad_row)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        (x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
+         grad_row) = ctx.saved_tensors
         if ctx.fused:
-            x_acc, x_inv, gx_hat, gw = ctx.saved_tensors
+            if ctx.fused_grads is not None:
+                gx_hat, gw = ctx.fused_grads
+                ctx.fused_grads = None
+            else:  # a second backward (retain_graph): the same pass again, same bits
+                be = backends.loaded_backend(ctx.backend)
+                _, gx_hat, gw, _ = be.fused_forward_grads(
+                    x_hat, w, target_logit, target_factor, labels, grad_row, ctx.s)
             # The fused pass used grad_row = 1/N (mean) or 1 (sum): exact up to this scale.
-            gx_hat = gx_hat * grad_out
-            gw = (gw * grad_out).to(gw.dtype)
+            gx_hat = gx_hat.mul_(grad_out)
+            gw = gw.mul_(grad_out)
         else:
-            (x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
-             grad_row) = ctx.saved_tensors
             grad_row = grad_row * grad_out  # (B,) for 'none', a scalar broadcast otherwise
             target_grad = grad_row * target_factor * torch.expm1(target_logit - lse)
-            be = backends.loaded_backend(ctx.backend)
-            gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
-                                  ctx.s, ctx.offset)
+            if w.shape[0] == 0:
+                gx_hat = torch.zeros(x_hat.shape, dtype=lse.dtype, device=x_hat.device)
+                gw = torch.zeros_like(w)
+            else:
+                be = backends.loaded_backend(ctx.backend)
+                gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
+                                      ctx.s, ctx.offset)
         # x̂ = x / max(‖x‖, eps): dx = (g − x̂(x̂·g)) / ‖x‖, or g / eps below the floor.
         x_hat_acc = x_acc * x_inv.unsqueeze(1)
         radial = (x_hat_acc * gx_hat).sum(1, keepdim=True)
