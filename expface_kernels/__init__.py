@@ -6,11 +6,14 @@ See README.md and DESIGN.md. Public API::
     MarginSoftmaxLoss, ExpFaceLoss, ArcFaceLoss, CosFaceLoss, SphereFaceLoss
 """
 
+from . import backends as _backends
 from .api import expface_loss, margin_softmax_loss
 from .backends import available_backends
 from .margins import MARGINS, THETA_EPS
 from .modules import ArcFaceLoss, CosFaceLoss, ExpFaceLoss, MarginSoftmaxLoss, SphereFaceLoss
 from .reference import reference_loss
+
+_backends.load_all()  # before any torch.compile region can call the loss (backends.load_all)
 
 __version__ = "0.1.0"
 

@@ -104,6 +104,17 @@ def get_backend(name: str) -> Backend:
     return b
 
 
+def load_all() -> None:
+    """Import every backend now (failures are kept as their reasons).
+
+    Called when the package is imported: ``torch.compile`` cannot trace
+    ``importlib.import_module``, so a first call of the loss inside a compiled region
+    must find every backend already loaded.
+    """
+    for name in BACKEND_NAMES:
+        _load(name)
+
+
 def loaded_backend(name: str) -> Backend:
     """A backend already resolved by :func:`select_backend` (a plain lookup, cheap to trace)."""
     return _loaded[name]

@@ -1,0 +1,71 @@
+"""Optional run-time autotuning of the launch configs (off by default).
+
+    EXPFACE_TRITON_AUTOTUNE=1   on CUDA tensors, the first call of each (device, shape
+                                bucket, dtypes) times every candidate of
+                                configs.forward_candidates / grads_candidates on the
+                                real inputs and keeps the fastest for the process.
+
+Off by default because the first call then compiles and times ~6 kernels variants per
+primitive (tens of seconds), and the choice may differ between runs (timing noise) --
+which changes rounding. With it off, configs.py's static heuristics are used.
+Both primitives are side-effect free (they return new tensors), so running a candidate
+on the real inputs is harmless; a candidate that fails (e.g. too much shared memory on
+this GPU) is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+_CACHE: dict = {}
+
+
+def enabled(device: torch.device) -> bool:
+    """True when autotuning is asked for and the tensors are on a GPU (never interpreted)."""
+    flag = os.environ.get("EXPFACE_TRITON_AUTOTUNE", "0") not in ("", "0")
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return flag and device.type == "cuda" and not interp
+
+
+def _bucket(n: int) -> int:
+    """Shapes within a factor of two share a tuning result."""
+    return max(0, int(n) - 1).bit_length()
+
+
+def key(kind: str, device: torch.device, B: int, C: int, D: int, *dtypes) -> tuple:
+    return (kind, device.index, _bucket(B), _bucket(C), D, *map(str, dtypes))
+
+
+def _time_ms(run: Callable[[], object], reps: int = 3) -> float:
+    run()  # compile + warm-up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def pick(k: tuple, candidates: Sequence, run: Callable[[object], object],
+         timer: Callable[[Callable[[], object]], float] = _time_ms):
+    """The fastest candidate for key ``k`` (cached); ``run(cfg)`` executes one call."""
+    if k in _CACHE:
+        return _CACHE[k]
+    best, best_t = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            t = timer(lambda: run(cfg))
+        except Exception:  # out of resources on this GPU, etc.: not a candidate
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _CACHE[k] = best
+    return best

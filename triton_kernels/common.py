@@ -1,0 +1,75 @@
+"""Pieces shared by the kernels: the GEMM operand dtype and the in-kernel cast.
+
+Tensor-core operand dtype ("dot dtype"), chosen on the host from (x_hat.dtype, w.dtype):
+
+    fp32 + fp32       -> fp32   (tl.dot with input_precision from configs.dot_input_precision:
+                                 "tf32" on a GPU when torch allows TF32, else exact "ieee")
+    bf16 + bf16       -> bf16   (wgmma/mma bf16, fp32 accumulation)
+    fp16 + fp16       -> fp16
+    fp16/bf16 + fp32  -> the 16-bit one: the fp32 operand's tile is cast to it in
+                         registers after the load (the fp32 W of mixed-precision face
+                         recognition runs on fp16 tensor cores at full rate; the W row
+                         norms are still taken from the fp32 values before the cast).
+                         Caveat: raw |W| entries above 65504 would overflow fp16 -- class
+                         centres are O(1) or smaller in every recipe we know.
+    fp16 + bf16       -> fp32   (rare; neither 16-bit format holds the other's values)
+
+Every accumulator (GEMM, row max / sum-exp, gradients) is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DOT_FP32 = 0
+DOT_FP16 = 1
+DOT_BF16 = 2
+
+_KIND = {torch.float32: DOT_FP32, torch.float16: DOT_FP16, torch.bfloat16: DOT_BF16}
+
+
+def dot_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The GEMM operand dtype of a pair of input dtypes (table in the module docstring)."""
+    if a == b:
+        return a
+    halves = {torch.float16, torch.bfloat16}
+    if a in halves and b in halves:
+        return torch.float32
+    return a if a in halves else b
+
+
+def dot_kind(dtype: torch.dtype) -> int:
+    """The DOT_KIND constexpr of a dot dtype."""
+    return _KIND[dtype]
+
+
+@triton.jit
+def cast_for_dot(t, DOT_KIND: tl.constexpr):
+    """Cast a loaded tile to the GEMM operand dtype (resolved at compile time)."""
+    if DOT_KIND == 1:
+        r = t.to(tl.float16)
+    elif DOT_KIND == 2:
+        r = t.to(tl.bfloat16)
+    else:
+        r = t.to(tl.float32)
+    return r
+
+
+def check_vectors(B: int, C: int, device, **vectors) -> None:
+    """Raise ValueError unless every named 1-D argument has its contract length.
+
+    The kernels index these with row / class offsets: a short vector would be read out
+    of bounds, so the host checks lengths (cheap metadata, no sync) before any launch.
+    Names ending in ``_c`` must have C elements, the others B (grad_row and target_grad
+    may also have 1, broadcast).
+    """
+    for name, t in vectors.items():
+        want = C if name.endswith("_c") else B
+        n = t.numel()
+        ok = n == want or (name in ("grad_row", "target_grad") and n == 1)
+        if not ok:
+            raise ValueError(f"{name.removesuffix('_c')} must have {want} elements, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name.removesuffix('_c')} is on {t.device}, expected {device}")

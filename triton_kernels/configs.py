@@ -1,0 +1,282 @@
+"""Launch configurations of the Triton kernels, keyed on device, shape and dtype.
+
+By default no autotuning happens at run time: every launch takes the static heuristic
+below, so the first call is not a multi-second tuning sweep and the result is
+deterministic (the same config for the same (device, B, C, D, dtype), hence the same
+rounding). ``EXPFACE_TRITON_AUTOTUNE=1`` times the candidates at the end of this file
+on the first call of each shape bucket instead (autotune.py).
+Set ``EXPFACE_TRITON_G_BUDGET_MB`` to change the backward's logits-block budget.
+
+Device kinds
+    ``interpreter``  TRITON_INTERPRET=1 (CPU): exact fp32, numpy per program. Few,
+                     large programs are fastest; tiles stay small only because the test
+                     shapes are small (the tile is padded to a power of two).
+    ``hopper``       sm_90 (H100/H200): 228 KB shared memory per SM, 132 SMs, wgmma.
+    ``ampere``       sm_80 (A100): 164 KB shared memory per SM, 108 SMs, mma.sync.
+    ``consumer``     sm_86/sm_89 (RTX 30xx/40xx, L4, A10): ~100 KB shared memory per SM.
+    ``blackwell``    sm_100+: treated like Hopper (same tile shapes are legal; the
+                     Triton backend picks the instructions).
+    ``other``        anything older: the consumer tiles (fit 64 KB + of shared memory).
+
+Shared-memory arithmetic used below (one GEMM stage = an A tile and a B tile):
+    stage bytes = (BM*BK + BN*BK) * elem;  128x128x64 bf16: 32 KB per stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def interpreter_active() -> bool:
+    """True when Triton was asked to run kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One kernel's tile: BLOCK_M x BLOCK_N output, BLOCK_K reduction step."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """``lse_partials``: tile (rows x classes x features) and the number of class splits.
+
+    ``target_programs``: how many programs the grid should have; the class range is cut
+    into ``splits = ceil(target_programs / row_tiles)`` contiguous splits (at most one
+    per class tile). Each program walks its split's class tiles in order, so the
+    programs of one split (consecutive program ids, the row tiles) read the same W tile
+    at about the same time: W comes from HBM once, its re-reads hit L2.
+    """
+
+    tile: GemmTile
+    target_programs: int
+
+
+@dataclass(frozen=True)
+class GradsConfig:
+    """``grads``: three kernels per class chunk (GemmTile's M x N output, K reduction).
+
+    g_tile:  G^T = f(W @ x_hat^T): M = classes, N = rows, K over D (the forward's GEMM).
+    dw_tile: grad_W chunk = G^T @ x_hat: M = classes, N = features, K over B.
+    dx_tile: grad_x^T += W_hat^T @ G^T: M = features, N = rows, K over the chunk's classes.
+    chunk_bytes: budget of the (B, chunk) G buffer -- the one bounded block of logits.
+    target_programs: grid size the dx kernel's split-K aims at (its output B x D is
+        small: without splitting the classes it would occupy a handful of SMs).
+    max_dx_partial_bytes: cap of the (splits, B, D) fp32 grad_x partial buffers.
+    g_programs: programs of the persistent G kernel (0: one per tile).
+    """
+
+    g_tile: GemmTile
+    dw_tile: GemmTile
+    dx_tile: GemmTile
+    chunk_bytes: int
+    target_programs: int
+    max_dx_partial_bytes: int
+    g_programs: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple[str, int, int]:
+    """(kind, SM count, L2 bytes) of a CUDA device."""
+    p = torch.cuda.get_device_properties(index)
+    major = p.major
+    if major == 9:
+        kind = "hopper"
+    elif major >= 10:
+        kind = "blackwell"
+    elif (p.major, p.minor) == (8, 0):
+        kind = "ampere"
+    elif major == 8:
+        kind = "consumer"
+    else:
+        kind = "other"
+    return kind, int(p.multi_processor_count), int(getattr(p, "L2_cache_size", 40 << 20))
+
+
+def device_kind(device: torch.device) -> tuple[str, int, int]:
+    """(kind, SM count, L2 bytes) for ``device`` under the current Triton mode."""
+    if interpreter_active() or device.type != "cuda":
+        # The interpreter runs programs one after the other: the "SM count" only sets how
+        # many splits the tests exercise (2+ so the finalize merge is always tested).
+        return "interpreter", 2, 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_facts(idx)
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def forward_config(device: torch.device, B: int, C: int, D: int,
+                   dot_dtype: torch.dtype, load_bytes: int = 0) -> ForwardConfig:
+    """Config of ``_lse_partials_kernel`` for x_hat (B, D) against W (C, D).
+
+    ``load_bytes``: the largest element size among the loaded operands (4 for the fp32 W
+    of fp16-x/fp32-W, whose tiles sit in shared memory as fp32 before the cast);
+    default: the dot dtype's.
+    """
+    kind, sms, _ = device_kind(device)
+    if kind == "interpreter":
+        # One row tile covers the test batches (<= 32 rows); 32 classes per tile makes
+        # C=130 span 5 tiles (a ragged last one) and 2 splits, so the online update,
+        # the masking and the merge all run. BLOCK_K=16 makes D=33 take 3 steps.
+        bm = min(32, max(16, _next_pow2(B)))
+        return ForwardConfig(GemmTile(bm, 32, 16, 4, 1), target_programs=2)
+    # 16-bit operands in shared memory: K step 64; any fp32 operand (tf32, or the fp32 W
+    # of a mixed pair): K step 32, so that a 128x128 stage stays <= 32 KB (compiled for
+    # sm_90 with the bundled ptxas: K step 64 with an fp32 W takes 128 KB and spills).
+    half = max(_elem(dot_dtype), load_bytes) == 2
+    # Exact fp32 (torch's default allow_tf32=False): tl.dot runs on FMA units, whose
+    # operand fragments live in registers -- K step 16 keeps 128x128 tiles spill-free
+    # (K step 32 spilled on sm_80/sm_90 in compile_check).
+    fma = dot_dtype == torch.float32 and dot_input_precision(dot_dtype, device) == "ieee"
+    # Rows: the batch is small (<= a few thousand); 128-row tiles for B >= 128 are the
+    # wgmma/mma sweet spot; smaller batches get a smaller M (>= 16, tl.dot's minimum) so
+    # that padding rows do not waste most of the tensor-core work.
+    bm = 128 if B >= 128 else max(16, _next_pow2(B))
+    if kind in ("hopper", "blackwell"):
+        # 128x128 output tile (wgmma m64n128 x 2 warpgroups = 8 warps), K step 64 for
+        # 16-bit operands, 3 stages: 80 KB of shared memory. compile_check: 170 registers
+        # per thread, no spills, loads pipelined (cp.async) -- registers allow one 8-warp
+        # program per SM, so the grid is ~2 waves of long programs (each walks thousands
+        # of class tiles at C = 2^20: the second wave is as full as the first).
+        tile = GemmTile(bm, 128, 64 if half else (16 if fma else 32), 8, 3)
+        waves = 2
+    elif kind == "ampere":
+        # A100: mma.sync m16n8k16; 128x128 tile, K step 32, 4 stages = 48-96 KB of the
+        # 164 KB; ~230-250 registers at 8 warps (no spills): one program per SM.
+        tile = GemmTile(bm, 128, 16 if fma else 32, 8 if bm >= 128 else 4, 4)
+        waves = 2
+    else:
+        # ~100 KB smem and 64K registers (sm_86/89): 64-class tiles, 3 stages of
+        # 128x64x32 bf16 = 24 KB; exact fp32 needs 8 warps to stay spill-free.
+        tile = GemmTile(bm, 64, 16 if fma else 32, 8 if fma else 4, 3)
+        waves = 2
+    # Enough programs for `waves` resident programs per SM; the class splits are long
+    # (thousands of tiles at C = 2^20) so the tail of the last wave is short.
+    return ForwardConfig(tile, target_programs=waves * sms)
+
+
+def grads_config(device: torch.device, B: int, C: int, D: int,
+                 dot_dtype: torch.dtype, load_bytes: int = 0) -> GradsConfig:
+    """Config of the three backward kernels."""
+    kind, sms, l2 = device_kind(device)
+    env_mb = os.environ.get("EXPFACE_TRITON_G_BUDGET_MB")
+    if kind == "interpreter":
+        # Tiny chunk budget so the tests' C=130 runs several chunks (the chunk loop, the
+        # grad_x partial accumulation across launches and the ragged last chunk).
+        bm = min(32, max(16, _next_pow2(B)))
+        budget = int(float(env_mb) * (1 << 20)) if env_mb else 64 * bm * 4
+        return GradsConfig(GemmTile(32, bm, 16, 4, 1), GemmTile(32, 16, 16, 4, 1),
+                           GemmTile(16, bm, 16, 4, 1), chunk_bytes=budget, target_programs=4,
+                           max_dx_partial_bytes=1 << 20, g_programs=3)
+    half = max(_elem(dot_dtype), load_bytes) == 2
+    fma = dot_dtype == torch.float32 and dot_input_precision(dot_dtype, device) == "ieee"
+    bm = 128 if B >= 128 else max(16, _next_pow2(B))
+    fwd = forward_config(device, B, C, D, dot_dtype, load_bytes).tile
+    # The G kernel is the forward's GEMM transposed (classes x rows) with a cheaper
+    # epilogue (no norms): the same tile with M and N swapped.
+    g = GemmTile(fwd.BLOCK_N, fwd.BLOCK_M, fwd.BLOCK_K, fwd.num_warps, fwd.num_stages)
+    if kind in ("hopper", "blackwell", "ampere"):
+        # dW: (classes x features) output, K = B (~512-1024): a plain GEMM, 128x128 with K
+        # step 64 (half on Hopper: 3 stages x 32 KB) / 32 (tf32, Ampere: 4 stages x 16 KB);
+        # dX likewise (features x rows) with K over the chunk's classes.
+        k = 64 if (half and kind != "ampere") else (16 if fma else 32)
+        stages = 3 if kind != "ampere" else 4
+        dw = GemmTile(128, 128, k, 8, stages)
+        dx = GemmTile(128, bm, k, 8 if bm >= 128 else 4, stages)
+    else:
+        dw = GemmTile(64, 64, 16 if fma else 32, 4, 3)
+        dx = GemmTile(64, min(bm, 64), 16 if fma else 32, 4, 3)
+    if env_mb:
+        budget = int(float(env_mb) * (1 << 20))
+    else:
+        # G^T of 24576 classes per chunk, at most 32 MiB (24 MiB at B = 512 bf16; 16384
+        # classes = 32 MiB at B = 1024): it stays in the L2 of an H100 (50 MB) / A100
+        # (40 MB) between the G kernel that writes it and the dW/dX launch that reads it.
+        # Chunks this long keep the GPU ahead of Python: each chunk costs 2 launches
+        # (~30 us of host time) against ~55-75 us of GEMMs on an H100 (3 x 2*B*chunk*D
+        # flops) -- C = 2^20 is 43 chunks at B = 512, 64 at B = 1024.
+        # Extra memory of a backward: this buffer + the grad_x partials below + the
+        # C floats of w_inv_norm -- ~33 MiB at B = 512 and ~40 MiB at B = 1024, C = 2^20,
+        # under 1% of the naive loss's (several GB there).
+        budget = min(32 << 20, B * 24576 * _elem(dot_dtype))
+    # grad_x partials: (splits, B, D) fp32, capped at 4 MiB (4 splits at B = D = 512, 2 at
+    # B = 1024): the dW tiles of the same launch (chunk/128 x D/128 of them) already fill
+    # the GPU, the split-K only has to keep the dX tiles from being the tail.
+    # G kernel: one program per tile (g_programs=0). The persistent variant (one program
+    # per SM looping over tiles in a flattened, pipelined loop) measured 8% slower on an
+    # H200 with Triton 3.6 (backward 6.81 vs 6.28 ms at B=512, C=2^20, bf16) and spilled
+    # with fp32 operands; it stays available (PERSISTENT) and is tested in the interpreter.
+    return GradsConfig(g, dw, dx, chunk_bytes=budget, target_programs=2 * sms,
+                       max_dx_partial_bytes=4 << 20, g_programs=0)
+
+
+def dot_input_precision(dot_dtype: torch.dtype, device: torch.device) -> str:
+    """``tl.dot``'s input_precision for fp32 operands.
+
+    Under the interpreter "ieee" (exact fp32, which is what numpy does anyway). On a GPU
+    fp32 operands follow PyTorch's own matmul setting: TF32 tensor cores when
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision('high')``
+    allow it, exact "ieee" FMA otherwise -- the same numbers a user would get from
+    ``x @ w.t()``. (For fp16/bf16 operands the setting is ignored by Triton.)
+    """
+    if interpreter_active() or device.type != "cuda":
+        return "ieee"
+    if dot_dtype != torch.float32:
+        return "tf32"  # Triton's default; only fp32 operands read it
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# --- candidates for the optional run-time autotuner (autotune.py) ---------------------
+
+
+def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: torch.dtype,
+                       load_bytes: int = 0) -> list[ForwardConfig]:
+    """The default first, then a few variations of tile width, K step, warps and stages."""
+    base = forward_config(device, B, C, D, dot_dtype, load_bytes)
+    t = base.tile
+    out = [base]
+    for bn, bk, warps, stages in ((256, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
+                                  (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
+                                  (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
+        cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs)
+        if cand not in out:
+            out.append(cand)
+    out.append(ForwardConfig(t, base.target_programs * 2))
+    return out
+
+
+def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: torch.dtype,
+                     load_bytes: int = 0) -> list[GradsConfig]:
+    """The default first, then G tile / dW-dX tile / chunk-size variations."""
+    base = grads_config(device, B, C, D, dot_dtype, load_bytes)
+    out = [base]
+    g, dw, dx = base.g_tile, base.dw_tile, base.dx_tile
+    variants = [
+        dict(chunk_bytes=base.chunk_bytes * 2),
+        dict(chunk_bytes=max(1 << 20, base.chunk_bytes // 2)),
+        dict(g_tile=GemmTile(g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages + 1)),
+        dict(dw_tile=GemmTile(dw.BLOCK_M, dw.BLOCK_N, dw.BLOCK_K, 4, dw.num_stages + 1),
+             dx_tile=GemmTile(dx.BLOCK_M, dx.BLOCK_N, dx.BLOCK_K, 4, dx.num_stages + 1)),
+        dict(max_dx_partial_bytes=base.max_dx_partial_bytes * 2),
+    ]
+    for v in variants:
+        cand = GradsConfig(**{**base.__dict__, **v})
+        if cand not in out:
+            out.append(cand)
+    return out

@@ -1,0 +1,360 @@
+"""Backward primitive: grad_x_hat and grad_W of a class block, 3 GEMMs per class chunk.
+
+The classes are walked in chunks of ``chunk`` classes, sized so that the (chunk, B)
+gradient-of-cosine block G^T fits a byte budget (configs.GradsConfig.chunk_bytes: the
+one bounded block of logits DESIGN §4 allows -- never B x C). Per chunk, two launches:
+``_grad_logits_kernel`` (1.), then ``_grad_wx_kernel`` running the tiles of 2. and 3.:
+
+1. ``_grad_logits_kernel``  grid class tiles x row tiles, K over D (forward GEMM recomputed,
+   transposed: S^T = W @ x_hat^T):
+       c    = (x_hat @ W^T) * w_inv_norm
+       G    = grad_row * s * exp(s*c - lse)     off target,  G[i, y_i] = target_grad_i
+       G^T  -> gbuf (chunk, B), in the GEMM operand dtype (bf16/fp16/fp32)
+       r_j  = sum_i G_ij * c_ij  -> rpart[row_tile, j]   (fp32; = w_hat_j . g_j, see 2.)
+2. ``_grad_w_tile``         grid class tiles x feature tiles, K over B. Each program owns
+   its grad_W rows (no atomics):
+       g    = G^T @ x_hat
+       grad_W_j = inv_j * (g_j - w_hat_j * r_j)     (inv_j < 1e12, else inv_j * g_j)
+   The projection's w_hat_j . g_j = sum_i G_ij (w_hat_j . x_hat_i) = sum_i G_ij c_ij = r_j
+   comes from step 1, so a program needs only its own feature columns of g_j.
+3. ``_grad_x_tile``         grid feature tiles x row tiles x splits (split-K over the
+   chunk's classes; B x D alone is too few tiles to fill the GPU), transposed:
+       part[split]^T += (W * inv)^T[:, split's classes] @ G^T[split's classes, :]
+   Each (split, row tile, feature tile) slot is owned by one program; chunks are
+   sequential launches, so the read-add-write needs no atomics. After the last chunk
+   grad_x_hat = part.sum(0).
+
+Why G is stored transposed and why the GEMMs are written the way they are: Triton (3.6-3.8)
+software-pipelines (cp.async) a tl.dot operand load only when the A operand is K-major
+in memory (checked by compiling for sm_90/sm_80 with the bundled ptxas). With G^T in a
+(chunk, B) buffer every A operand is K-major: W (G kernel), G^T (dW), and W_hat^T in dX
+goes through registers anyway (it is scaled by 1/||W_j|| before the cast).
+
+4 GEMM-equivalents in all (forward, recompute, dW, dX). Extra memory: gbuf (budget) +
+rpart (row_tiles x chunk fp32) + part (splits x B x D fp32, capped) -- O(B*D + chunk*B).
+All offsets int64. Every load and store is masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import autotune, configs
+from .common import cast_for_dot, check_vectors, dot_dtype, dot_kind
+
+
+@triton.jit
+def _grad_logits_kernel(
+    x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr, grow_ptr,
+    g_ptr, rpart_ptr,
+    B, D, c0, cn, offset, s,
+    stride_xb, stride_wc, stride_gc, stride_rp,
+    num_row_tiles,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """G^T tiles: classes [pid_c*BC, +BC) x rows [pid_b*BB, +BB) of the chunk c0..c0+cn.
+
+    PERSISTENT: program p takes tiles p, p + P, p + 2P, ... (P = programs in the grid) in
+    one flattened, software-pipelined loop (see lse_forward: a tile has only D/BLOCK_K
+    K steps, so the next tile's loads must overlap this tile's epilogue). Otherwise one
+    program per tile.
+    """
+    if PERSISTENT:
+        n_tiles = tl.cdiv(cn, BLOCK_C) * num_row_tiles
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
+            _grad_logits_tile(tile, x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr,
+                              grow_ptr, g_ptr, rpart_ptr, B, D, c0, cn, offset, s,
+                              stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
+                              BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION)
+    else:
+        _grad_logits_tile(tl.program_id(0), x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr,
+                          tgrad_ptr, grow_ptr, g_ptr, rpart_ptr, B, D, c0, cn, offset, s,
+                          stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
+                          BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION)
+
+
+@triton.jit
+def _grad_logits_tile(
+    pid,
+    x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr, grow_ptr,
+    g_ptr, rpart_ptr,
+    B, D, c0, cn, offset, s,
+    stride_xb, stride_wc, stride_gc, stride_rp,
+    num_row_tiles,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_b = pid % num_row_tiles  # row tiles of one class tile adjacent: W tile read once
+    pid_c = pid // num_row_tiles
+    lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # class inside the chunk
+    col_ok = lcols < cn
+    cols64 = lcols.to(tl.int64) + c0                 # class inside the block
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+
+    acc = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)   # S^T = W @ x_hat^T
+    w_row_ptr = w_ptr + cols64[:, None] * stride_wc
+    x_col_ptr = x_ptr + rows64[None, :] * stride_xb
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        wt = tl.load(w_row_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_col_ptr + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.dot(cast_for_dot(wt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
+                     input_precision=INPUT_PRECISION)
+
+    inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
+    # Target column relative to the chunk, in int64, then int32 (-1 when not in the
+    # chunk): the per-element compare below is int32 (register pressure of the epilogue).
+    tcol = labels - offset - c0
+    tcol = tl.where((tcol >= 0) & (tcol < cn), tcol, -1).to(tl.int32)
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    grow = tl.load(grow_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    tgrad = tl.load(tgrad_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+
+    c = acc * inv[:, None]
+    # fp32 all the way: p = exp(s*c - lse) <= 1, G = grad_row * s * p.
+    g = (grow * s)[None, :] * tl.exp(c * s - lse[None, :])
+    # Target column: (p - 1) * factor * grad_row, formed by the caller before any rounding.
+    g = tl.where(lcols[:, None] == tcol[None, :], tgrad[None, :], g)
+    ok2 = col_ok[:, None] & row_ok[None, :]
+    g = tl.where(ok2, g, 0.0)
+    # int64 tile base + int32 in-tile offsets (BLOCK_C * B < 2^31): cheaper addresses.
+    g_tile = g_ptr + (pid_c * BLOCK_C).to(tl.int64) * stride_gc
+    tl.store(g_tile + tl.arange(0, BLOCK_C)[:, None] * stride_gc + rows[None, :],
+             g.to(g_ptr.dtype.element_ty), mask=ok2)
+    # r_j partial over this row tile: sum_i G_ij c_ij (the radial part of g_j).
+    r = tl.sum(g * c, axis=1)
+    tl.store(rpart_ptr + pid_b.to(tl.int64) * stride_rp + lcols, r, mask=col_ok)
+
+
+@triton.jit
+def _grad_w_tile(
+    pid,
+    g_ptr, x_ptr, w_ptr, winv_ptr, rpart_ptr, gw_ptr,
+    B, D, c0, cn,
+    stride_gc, stride_xb, stride_wc, stride_gwc, stride_rp,
+    num_rpart, num_feat_tiles,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """grad_W for chunk classes [pid_c*BC, +BC) x features [pid_d*BD, +BD); K over B."""
+    pid_d = pid % num_feat_tiles
+    pid_c = pid // num_feat_tiles
+    lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = lcols < cn
+    lcols64 = lcols.to(tl.int64)
+    cols64 = lcols64 + c0
+    feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    f_ok = feats < D
+
+    acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    g_row_ptr = g_ptr + lcols64[:, None] * stride_gc
+    for k in range(0, B, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < B
+        gt = tl.load(g_row_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + ks.to(tl.int64)[:, None] * stride_xb + feats[None, :],
+                     mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        acc = tl.dot(cast_for_dot(gt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
+                     input_precision=INPUT_PRECISION)
+
+    r = tl.zeros([BLOCK_C], tl.float32)
+    for p in range(0, num_rpart):
+        r += tl.load(rpart_ptr + p * stride_rp + lcols, mask=col_ok, other=0.0)
+    inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+    ok2 = col_ok[:, None] & f_ok[None, :]
+    wt = tl.load(w_ptr + cols64[:, None] * stride_wc + feats[None, :], mask=ok2, other=0.0)
+    w_hat = wt.to(tl.float32) * inv[:, None]
+    # F.normalize's backward: no radial projection where the norm was clamped.
+    r = tl.where(inv < 1e12, r, 0.0)
+    out = (acc - w_hat * r[:, None]) * inv[:, None]
+    tl.store(gw_ptr + cols64[:, None] * stride_gwc + feats[None, :],
+             out.to(gw_ptr.dtype.element_ty), mask=ok2)
+
+
+@triton.jit
+def _grad_x_tile(
+    pid,
+    g_ptr, w_ptr, winv_ptr, part_ptr,
+    B, D, c0, cn,
+    stride_gc, stride_wc, stride_ps, stride_pb,
+    k_per_split, num_feat_tiles, num_row_tiles,
+    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """part[split, rows, feats]^T += W_hat^T[feats, split's classes] @ G^T[split's classes, rows]."""
+    pid_d = pid % num_feat_tiles
+    rest = pid // num_feat_tiles
+    pid_b = rest % num_row_tiles
+    split = rest // num_row_tiles
+    feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    f_ok = feats < D
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, cn)
+    acc = tl.zeros([BLOCK_D, BLOCK_B], tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        lks64 = ks.to(tl.int64)
+        cols64 = lks64 + c0
+        wt = tl.load(w_ptr + cols64[None, :] * stride_wc + feats[:, None],
+                     mask=f_ok[:, None] & k_ok[None, :], other=0.0)
+        inv = tl.load(winv_ptr + cols64, mask=k_ok, other=0.0).to(tl.float32)
+        gt = tl.load(g_ptr + lks64[:, None] * stride_gc + rows64[None, :],
+                     mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        # Normalise W in fp32 before the cast: w_hat has |entries| <= 1, safe in fp16.
+        w_hat = wt.to(tl.float32) * inv[None, :]
+        acc = tl.dot(cast_for_dot(w_hat, DOT_KIND), cast_for_dot(gt, DOT_KIND), acc,
+                     input_precision=INPUT_PRECISION)
+
+    ok2 = f_ok[:, None] & row_ok[None, :]
+    p = part_ptr + split.to(tl.int64) * stride_ps + rows64[None, :] * stride_pb + feats[:, None]
+    prev = tl.load(p, mask=ok2, other=0.0)
+    tl.store(p, prev + acc, mask=ok2)
+
+
+@triton.jit
+def _grad_wx_kernel(
+    g_ptr, x_ptr, w_ptr, winv_ptr, rpart_ptr, gw_ptr, part_ptr,
+    B, D, c0, cn,
+    stride_gc, stride_xb, stride_wc, stride_gwc, stride_rp, stride_ps, stride_pb,
+    num_rpart, dw_feat_tiles, k_per_split, dx_feat_tiles, dx_row_tiles, num_dx_programs,
+    DW_C: tl.constexpr, DW_D: tl.constexpr, DW_K: tl.constexpr,
+    DX_D: tl.constexpr, DX_B: tl.constexpr, DX_K: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One launch for the two GEMMs that read a chunk's G^T: programs [0, num_dx_programs)
+    do grad_x split-K tiles (the longer ones, first), the rest grad_W tiles. They are
+    independent given G^T, so one launch instead of two halves the host launch overhead
+    per chunk and lets the two kinds of tiles share the GPU without a tail in between."""
+    pid = tl.program_id(0)
+    if pid < num_dx_programs:
+        _grad_x_tile(pid, g_ptr, w_ptr, winv_ptr, part_ptr, B, D, c0, cn,
+                     stride_gc, stride_wc, stride_ps, stride_pb,
+                     k_per_split, dx_feat_tiles, dx_row_tiles,
+                     DX_D, DX_B, DX_K, DOT_KIND, INPUT_PRECISION)
+    else:
+        _grad_w_tile(pid - num_dx_programs, g_ptr, x_ptr, w_ptr, winv_ptr, rpart_ptr, gw_ptr,
+                     B, D, c0, cn, stride_gc, stride_xb, stride_wc, stride_gwc, stride_rp,
+                     num_rpart, dw_feat_tiles,
+                     DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION)
+
+
+def chunk_plan(B: int, C: int, D: int, g_elem: int, cfg: configs.GradsConfig
+               ) -> tuple[int, int, int]:
+    """(classes per chunk, grad_x splits, classes per split) of a backward.
+
+    The chunk is a multiple of every class-tile size (so tiles never straddle chunks)
+    and holds at least one tile; the split count is capped by the partial-buffer budget.
+    """
+    step = max(cfg.g_tile.BLOCK_M, cfg.dw_tile.BLOCK_M, cfg.dx_tile.BLOCK_K)  # powers of 2
+    chunk = max(step, (cfg.chunk_bytes // max(1, B * g_elem)) // step * step)
+    chunk = min(chunk, triton.cdiv(C, step) * step)
+    out_tiles = triton.cdiv(D, cfg.dx_tile.BLOCK_M) * triton.cdiv(B, cfg.dx_tile.BLOCK_N)
+    k_tiles = triton.cdiv(min(chunk, C), cfg.dx_tile.BLOCK_K)
+    splits = max(1, min(k_tiles, triton.cdiv(cfg.target_programs, out_tiles),
+                        cfg.max_dx_partial_bytes // max(1, B * D * 4)))
+    per = triton.cdiv(k_tiles, splits) * cfg.dx_tile.BLOCK_K
+    splits = triton.cdiv(min(chunk, C), per)
+    return chunk, splits, per
+
+
+def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
+          target_grad: Tensor, grad_row: Tensor, s: float, offset: int,
+          config: configs.GradsConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Contract primitive ``grads`` (see expface_kernels/backends.py).
+
+    Args:
+        x_hat: (B, D) fp16/bf16/fp32 normalised embeddings.
+        w: (C_local, D) fp16/bf16/fp32 raw centres of the block.
+        w_inv_norm: (C_local,) fp32 from lse_partials.
+        labels: (B,) int64/int32 global labels (ignored rows -1).
+        lse: (B,) fp32 final logsumexp over all classes.
+        target_grad: (B,) fp32 dL/dc at the target column (0 on ignored rows).
+        grad_row: (B,) fp32 dL/dloss_i (or a 1-element tensor, broadcast).
+        s: scale; offset: first class id of the block.
+        config: optional launch config (tests); default from configs.grads_config.
+    Returns:
+        grad_x_hat (B, D) fp32 (this block's contribution), grad_w (C_local, D) w.dtype.
+    """
+    B, D = x_hat.shape
+    C = w.shape[0]
+    dev = x_hat.device
+    if w.dim() != 2 or w.shape[1] != D or w.device != dev:
+        raise ValueError(f"w must be (C, {D}) on {dev}, got {tuple(w.shape)} on {w.device}")
+    check_vectors(B, C, dev, w_inv_norm_c=w_inv_norm, labels=labels, lse=lse,
+                  target_grad=target_grad, grad_row=grad_row)
+    f32 = torch.float32
+    x_hat = x_hat.contiguous()
+    w = w.contiguous()
+    labels = labels.contiguous()
+    w_inv_norm = w_inv_norm.to(f32).contiguous()
+    lse = lse.to(f32).contiguous()
+    target_grad = target_grad.to(f32).reshape(-1).expand(B).contiguous()
+    grad_row = grad_row.to(f32).reshape(-1).expand(B).contiguous()
+    grad_w = torch.empty_like(w)
+    if B == 0 or C == 0 or D == 0:
+        return torch.zeros((B, D), dtype=f32, device=dev), grad_w.zero_()
+
+    dd = dot_dtype(x_hat.dtype, w.dtype)
+    kind = dot_kind(dd)
+    prec = configs.dot_input_precision(dd, dev)
+    lb = max(x_hat.element_size(), w.element_size())
+    if config is None and autotune.enabled(dev):
+        config = autotune.pick(
+            autotune.key("grads", dev, B, C, D, x_hat.dtype, w.dtype),
+            configs.grads_candidates(dev, B, C, D, dd, lb),
+            lambda cfg: grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset,
+                              config=cfg))
+    cfg = config or configs.grads_config(dev, B, C, D, dd, lb)
+    g_elem = torch.empty((), dtype=dd).element_size()
+    chunk, splits, per = chunk_plan(B, C, D, g_elem, cfg)
+    chunk = min(chunk, C)
+
+    tg, tw, tx = cfg.g_tile, cfg.dw_tile, cfg.dx_tile
+    g_rows = triton.cdiv(B, tg.BLOCK_N)
+    gbuf = torch.empty((chunk, B), dtype=dd, device=dev)         # G^T of one chunk
+    rpart = torch.empty((g_rows, chunk), dtype=f32, device=dev)  # r_j partials per row tile
+    part = torch.zeros((splits, B, D), dtype=f32, device=dev)    # grad_x split-K partials
+    dw_feat = triton.cdiv(D, tw.BLOCK_N)
+    dx_feat = triton.cdiv(D, tx.BLOCK_M)
+    dx_rows = triton.cdiv(B, tx.BLOCK_N)
+    for c0 in range(0, C, chunk):
+        cn = min(chunk, C - c0)
+        g_tiles = triton.cdiv(cn, tg.BLOCK_M) * g_rows
+        _grad_logits_kernel[(min(g_tiles, cfg.g_programs) if cfg.g_programs else g_tiles,)](
+            x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, gbuf, rpart,
+            B, D, c0, cn, int(offset), float(s),
+            x_hat.stride(0), w.stride(0), gbuf.stride(0), rpart.stride(0),
+            g_rows,
+            BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
+            DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0,
+            num_warps=tg.num_warps, num_stages=tg.num_stages,
+        )
+        n_dx = dx_feat * dx_rows * triton.cdiv(cn, per)
+        n_dw = triton.cdiv(cn, tw.BLOCK_M) * dw_feat
+        _grad_wx_kernel[(n_dx + n_dw,)](
+            gbuf, x_hat, w, w_inv_norm, rpart, grad_w, part,
+            B, D, c0, cn,
+            gbuf.stride(0), x_hat.stride(0), w.stride(0), grad_w.stride(0), rpart.stride(0),
+            part.stride(0), part.stride(1),
+            g_rows, dw_feat, per, dx_feat, dx_rows, n_dx,
+            DW_C=tw.BLOCK_M, DW_D=tw.BLOCK_N, DW_K=tw.BLOCK_K,
+            DX_D=tx.BLOCK_M, DX_B=tx.BLOCK_N, DX_K=tx.BLOCK_K,
+            DOT_KIND=kind, INPUT_PRECISION=prec,
+            # one config for both tile kinds: the larger warp count, the smaller stage count
+            num_warps=max(tw.num_warps, tx.num_warps), num_stages=min(tw.num_stages, tx.num_stages),
+        )
+    grad_x = part.view(B, D) if splits == 1 else part.sum(0)
+    return grad_x, grad_w
