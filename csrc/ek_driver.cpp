@@ -1,0 +1,266 @@
+// ek_driver.cpp -- device-agnostic driver (ATen) of the three ops; see ek_driver.h.
+#include "ek_driver.h"
+
+#include <ATen/ATen.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <limits>
+
+namespace ek {
+namespace {
+
+using at::Tensor;
+
+// Default bound of the logits buffer (rows x classes in the compute dtype).
+// CPU, 32 MiB: at B=256, C=131072, D=512 fp32 (2-core CI machine) row blocks of 64
+// rows; 64 MiB (128 rows) was ~10% faster on the GEMMs alone (0.44 s vs 0.63 s for the
+// three) but the acceptance bounds the working memory at 5% of the naive loss's
+// (~1 GiB there): 32 MiB measured 3.1%.  CUDA, 256 MiB: the driver runs cuBLAS GEMMs
+// over the buffer, so every row block streams W twice; 256 MiB keeps >= 64 rows per
+// block up to C = 2^20 in fp32 (not measured in this session: no GPU).
+// Override with the op's block_bytes argument or EXPFACE_EXT_BLOCK_BYTES.
+constexpr int64_t kDefaultBlockBytesCPU = int64_t(32) << 20;
+constexpr int64_t kDefaultBlockBytesCUDA = int64_t(256) << 20;
+
+int64_t resolve_block_bytes(int64_t block_bytes, const at::Device& device) {
+  if (block_bytes > 0) return block_bytes;
+  if (const char* env = std::getenv("EXPFACE_EXT_BLOCK_BYTES")) {
+    char* end = nullptr;
+    long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v > 0,
+                "EXPFACE_EXT_BLOCK_BYTES must be a positive integer (bytes), got '", env, "'");
+    return static_cast<int64_t>(v);
+  }
+  return device.is_cuda() ? kDefaultBlockBytesCUDA : kDefaultBlockBytesCPU;
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_matrix(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "expface_kernels: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.dim() == 2, "expface_kernels: ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), "expface_kernels: ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_vector(const Tensor& t, const char* name, int64_t n, const char* n_name, const Tensor& ref,
+                  bool is_label = false) {
+  TORCH_CHECK(t.defined(), "expface_kernels: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "expface_kernels: ", name, " must have shape (", n_name,
+              ",) = (", n, ",), got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), "expface_kernels: ", name, " is on ", t.device(),
+              " but x_hat is on ", ref.device());
+  if (is_label) {
+    TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "expface_kernels: ", name,
+                " must be int64 or int32, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(is_float_dtype(t.scalar_type()), "expface_kernels: ", name, " must be a floating tensor, got ",
+                t.scalar_type());
+  }
+}
+
+struct Common {
+  int64_t B, D, n;
+  at::ScalarType cd;   // compute dtype of the GEMMs and of the logits buffer
+  at::ScalarType acc;  // accumulation dtype (row statistics, gradients)
+};
+
+Common check_common(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w, double s) {
+  check_matrix(x_hat, "x_hat");
+  check_matrix(w, "w");
+  TORCH_CHECK(w.device() == x_hat.device(), "expface_kernels: w is on ", w.device(), " but x_hat is on ",
+              x_hat.device());
+  TORCH_CHECK(w.size(1) == x_hat.size(1), "expface_kernels: w must have shape (C_local, D) with D = x_hat.size(1) = ",
+              x_hat.size(1), ", got w of shape ", w.sizes());
+  TORCH_CHECK(std::isfinite(s) && s > 0, "expface_kernels: s must be a finite positive scale, got ", s);
+  Common c;
+  c.B = x_hat.size(0);
+  c.D = x_hat.size(1);
+  c.n = w.size(0);
+  // fp16 x + fp32 W (the usual face-recognition set-up) computes in fp32 after casting
+  // the small x; bf16 + fp16 computes in fp32.
+  c.cd = at::promote_types(x_hat.scalar_type(), w.scalar_type());
+  c.acc = c.cd == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(c.cd != at::kDouble || x_hat.device().is_cpu(), "expface_kernels: float64 inputs are supported by "
+              "the extension on CPU only (got x_hat ", x_hat.scalar_type(), ", w ", w.scalar_type(), " on ",
+              ops.device_name, ")");
+  return c;
+}
+
+// Labels are only ever compared with column indices inside the epilogues, except in
+// the fused op, which gathers W[labels]: there they must lie in [-1, C).  Checked here,
+// before any kernel is launched (one device sync on CUDA), so that bad input raises
+// instead of reaching a device-side assert or an out-of-bounds read.
+Tensor checked_labels(const Tensor& labels, int64_t upper /* exclusive, or -1 for none */) {
+  Tensor lab = labels.to(at::kLong).contiguous();
+  if (lab.numel() == 0) return lab;
+  auto mn = lab.min().item<int64_t>();
+  TORCH_CHECK(mn >= -1, "expface_kernels: labels must be >= -1 (ignored rows are passed as -1), got ", mn);
+  if (upper >= 0) {
+    auto mx = lab.max().item<int64_t>();
+    TORCH_CHECK(mx < upper, "expface_kernels: labels must be < C = ", upper, " (or -1 for ignored rows), got ", mx);
+  }
+  return lab;
+}
+
+Tensor acc_vec(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w,
+                                                     const Tensor& target_logit, const Tensor& labels, double s,
+                                                     int64_t offset, int64_t block_bytes) {
+  Common c = check_common(ops, x_hat, w, s);
+  check_vector(target_logit, "target_logit", c.B, "B", x_hat);
+  check_vector(labels, "labels", c.B, "B", x_hat, /*is_label=*/true);
+  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", offset);
+  const auto acc_opts = x_hat.options().dtype(c.acc);
+  Tensor row_max = at::full({c.B}, -std::numeric_limits<double>::infinity(), acc_opts);
+  Tensor row_sumexp = at::zeros({c.B}, acc_opts);
+  Tensor winv = at::empty({c.n}, acc_opts);
+  if (c.n == 0) return {row_max, row_sumexp, winv};
+  Tensor wr = w.contiguous();
+  ops.row_inv_norm(wr, winv);
+  if (c.B == 0) return {row_max, row_sumexp, winv};
+  Tensor lab = checked_labels(labels, -1);
+  Tensor tl = acc_vec(target_logit, c.acc);
+  Tensor xc = x_hat.to(c.cd).contiguous();
+
+  const int64_t esize = c10::elementSize(c.cd);
+  const int64_t nc = std::min<int64_t>(c.n, std::max<int64_t>(1, resolve_block_bytes(block_bytes, x_hat.device()) / (c.B * esize)));
+  Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
+  for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
+    const int64_t len = std::min(nc, c.n - j0);
+    Tensor wc = wr.narrow(0, j0, len).to(c.cd);
+    Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
+    at::mm_out(L, xc, wc.t());
+    ops.lse_block(L, winv.narrow(0, j0, len), tl, lab, s, offset + j0, row_max, row_sumexp);
+  }
+  return {row_max, row_sumexp, winv};
+}
+
+std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w,
+                                      const Tensor& w_inv_norm, const Tensor& labels, const Tensor& lse,
+                                      const Tensor& target_grad, const Tensor& grad_row, double s, int64_t offset,
+                                      int64_t block_bytes) {
+  Common c = check_common(ops, x_hat, w, s);
+  check_vector(w_inv_norm, "w_inv_norm", c.n, "C_local", x_hat);
+  check_vector(labels, "labels", c.B, "B", x_hat, /*is_label=*/true);
+  check_vector(lse, "lse", c.B, "B", x_hat);
+  check_vector(target_grad, "target_grad", c.B, "B", x_hat);
+  check_vector(grad_row, "grad_row", c.B, "B", x_hat);
+  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", offset);
+  Tensor gx = at::zeros({c.B, c.D}, x_hat.options().dtype(c.acc));
+  Tensor gw = at::zeros({c.n, c.D}, w.options());
+  if (c.n == 0 || c.B == 0 || c.D == 0) return {gx, gw};
+  Tensor lab = checked_labels(labels, -1);
+  Tensor winv = acc_vec(w_inv_norm, c.acc);
+  Tensor lse_a = acc_vec(lse, c.acc), tg = acc_vec(target_grad, c.acc), gr = acc_vec(grad_row, c.acc);
+  Tensor xc = x_hat.to(c.cd).contiguous();
+  Tensor wr = w.contiguous();
+
+  const int64_t esize = c10::elementSize(c.cd);
+  const int64_t nc = std::min<int64_t>(c.n, std::max<int64_t>(1, resolve_block_bytes(block_bytes, x_hat.device()) / (c.B * esize)));
+  Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
+  const bool direct = (c.cd == c.acc) && (w.scalar_type() == c.acc);
+  for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
+    const int64_t len = std::min(nc, c.n - j0);
+    Tensor w_raw = wr.narrow(0, j0, len);
+    Tensor wc = w_raw.to(c.cd);
+    Tensor winv_c = winv.narrow(0, j0, len);
+    Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
+    at::mm_out(L, xc, wc.t());
+    ops.grads_block(L, winv_c, lab, lse_a, tg, gr, s, offset + j0);  // L <- G * winv
+    if (c.cd == c.acc) {
+      gx.addmm_(L, wc);
+    } else {
+      gx.add_(at::mm(L, wc).to(c.acc));
+    }
+    Tensor gwc = gw.narrow(0, j0, len);
+    if (direct) {
+      at::mm_out(gwc, L.t(), xc);
+      ops.project_rows(gwc, w_raw, winv_c);
+    } else {
+      Tensor tmp = at::mm(L.t(), xc).to(c.acc);
+      ops.project_rows(tmp, w_raw, winv_c);
+      gwc.copy_(tmp);
+    }
+  }
+  return {gx, gw};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
+    const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w, const Tensor& target_logit,
+    const Tensor& target_factor, const Tensor& labels, const Tensor& grad_row, double s, int64_t block_bytes) {
+  Common c = check_common(ops, x_hat, w, s);
+  check_vector(target_logit, "target_logit", c.B, "B", x_hat);
+  check_vector(target_factor, "target_factor", c.B, "B", x_hat);
+  check_vector(labels, "labels", c.B, "B", x_hat, /*is_label=*/true);
+  check_vector(grad_row, "grad_row", c.B, "B", x_hat);
+  const auto acc_opts = x_hat.options().dtype(c.acc);
+  Tensor winv = at::empty({c.n}, acc_opts);
+  Tensor wr = w.contiguous();
+  if (c.n > 0) ops.row_inv_norm(wr, winv);
+  if (c.B == 0 || c.n == 0) {
+    Tensor lse = at::full({c.B}, c.n == 0 ? -std::numeric_limits<double>::infinity() : 0.0, acc_opts);
+    return {lse, at::zeros({c.B, c.D}, acc_opts), at::zeros({c.n, c.D}, w.options()), winv};
+  }
+  Tensor lab = checked_labels(labels, c.n);
+  Tensor tl = acc_vec(target_logit, c.acc), tf = acc_vec(target_factor, c.acc), gr = acc_vec(grad_row, c.acc);
+  Tensor xc = x_hat.to(c.cd).contiguous();
+  Tensor wc = wr.to(c.cd);  // a copy only for mixed low-precision W (documented extra C x D)
+
+  Tensor lse = at::empty({c.B}, acc_opts);
+  Tensor row_scale = at::empty({c.B}, acc_opts);
+  Tensor tgrad = at::empty({c.B}, acc_opts);
+  Tensor gx = at::empty({c.B, c.D}, acc_opts);
+  // grad_w accumulates in acc precision; for an fp32 W that is the output itself.
+  const bool direct = (c.cd == c.acc) && (w.scalar_type() == c.acc);
+  // (fp32: the first row block's GEMM writes it, no zero fill of C x D -- 50 ms at C=2^17, D=512)
+  Tensor gw_acc = (c.cd == c.acc) ? at::empty({c.n, c.D}, w.options().dtype(c.acc))
+                                  : at::zeros({c.n, c.D}, w.options().dtype(c.acc));
+
+  const int64_t esize = c10::elementSize(c.cd);
+  const int64_t bb = resolve_block_bytes(block_bytes, x_hat.device());
+  const int64_t R = std::min<int64_t>(c.B, std::max<int64_t>(1, bb / (c.n * esize)));
+  Tensor buf = at::empty({R * c.n}, x_hat.options().dtype(c.cd));
+  // class chunk of the low-precision grad_w accumulation (temporary len x D in cd)
+  const int64_t gw_chunk = std::min<int64_t>(c.n, std::max<int64_t>(1, bb / std::max<int64_t>(1, c.D * esize)));
+  for (int64_t r0 = 0; r0 < c.B; r0 += R) {
+    const int64_t r = std::min(R, c.B - r0);
+    Tensor xb = xc.narrow(0, r0, r);
+    Tensor L = buf.narrow(0, 0, r * c.n).view({r, c.n});
+    at::mm_out(L, xb, wc.t());  // GEMM 1: logits of r rows against all classes
+    Tensor lse_b = lse.narrow(0, r0, r), rs_b = row_scale.narrow(0, r0, r), tg_b = tgrad.narrow(0, r0, r);
+    Tensor lab_b = lab.narrow(0, r0, r);
+    ops.fused_rows(L, winv, tl.narrow(0, r0, r), tf.narrow(0, r0, r), lab_b, gr.narrow(0, r0, r), s, lse_b, rs_b,
+                   tg_b);  // L <- G * winv / row_scale, lse final
+    Tensor gxb = gx.narrow(0, r0, r);
+    if (c.cd == c.acc) {
+      at::mm_out(gxb, L, wc);  // GEMM 2
+    } else {
+      gxb.copy_(at::mm(L, wc));
+    }
+    gxb.mul_(rs_b.unsqueeze(1));
+    Tensor xa = xb * rs_b.to(c.cd).unsqueeze(1);
+    if (c.cd == c.acc && r0 == 0) {
+      at::mm_out(gw_acc, L.t(), xa);  // GEMM 3 (first row block)
+    } else if (c.cd == c.acc) {
+      gw_acc.addmm_(L.t(), xa);  // GEMM 3, accumulated in acc precision
+    } else {
+      for (int64_t c0 = 0; c0 < c.n; c0 += gw_chunk) {
+        const int64_t len = std::min(gw_chunk, c.n - c0);
+        gw_acc.narrow(0, c0, len).add_(at::mm(L.narrow(1, c0, len).t(), xa).to(c.acc));
+      }
+    }
+  }
+  ops.project_rows(gw_acc, wr, winv);
+  Tensor gw = direct ? gw_acc : gw_acc.to(w.scalar_type());
+  return {lse, gx, gw, winv};
+}
+
+}  // namespace ek

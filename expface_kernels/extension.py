@@ -1,0 +1,141 @@
+"""The ``extension`` backend: the compiled C++/CUDA ops of ``expface_kernels._C``.
+
+``expface_kernels._C`` registers three operators with ``TORCH_LIBRARY(expface_kernels)``
+(csrc/ops.cpp), with CPU kernels (csrc/cpu) and, when built with a CUDA toolkit, CUDA
+kernels (csrc/cuda); one device-agnostic driver (csrc/ek_driver.cpp: a GEMM per block
+through at::mm, one fused epilogue, the gradient GEMMs) and one math header
+(csrc/ek_math.h) serve both devices. This module registers their fake (meta)
+implementations, so that ``torch.compile`` and ``torch.library.opcheck`` can trace them,
+and wraps them as the backend contract of :mod:`expface_kernels.backends`::
+
+    lse_partials(x_hat, w, target_logit, labels, s, offset)
+        -> row_max (B,) acc, row_sumexp (B,) acc, w_inv_norm (C_local,) acc
+    grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset)
+        -> grad_x_hat (B, D) acc, grad_w (C_local, D) w.dtype
+    fused_forward_grads(x_hat, w, target_logit, target_factor, labels, grad_row, s)
+        -> lse (B,) acc, grad_x_hat (B, D) acc, grad_w (C, D) w.dtype, w_inv_norm (C,) acc
+
+x_hat (B, D) and w (C_local, D) are float16 / bfloat16 / float32 (float64 on CPU), may
+differ in dtype (the GEMMs run in ``torch.promote_types`` of the two); "acc" is float64
+when that is float64, else float32. labels (B,) int64 or int32, ignored rows -1.
+
+Importing this module raises ImportError (with the build command) when ``_C`` is not
+built; the registry turns that into the backend's unavailability reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading the .so registers torch.ops.expface_kernels.*)
+except ImportError as _exc:  # pragma: no cover - exercised only without a build
+    raise ImportError(
+        "expface_kernels._C, the compiled C++/CUDA extension, is not built or cannot be loaded "
+        f"({_exc}). Build it from the repository root with `pip install --no-build-isolation -e .` "
+        "(CUDA kernels are compiled when a CUDA toolkit and a CUDA build of torch are found; "
+        "FORCE_CUDA=1 / FORCE_CUDA=0 force or skip them)."
+    ) from _exc
+
+from .backends import Backend
+
+_ops = torch.ops.expface_kernels
+
+BLOCK_BYTES = 0
+"""Bound of the kernels' logits buffer in bytes; 0 takes the C++ default
+(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU, 256 MiB on CUDA). Tests lower it to
+force many blocks."""
+
+
+def built_with_cuda() -> bool:
+    """True if this build of ``_C`` contains the CUDA kernels."""
+    return bool(_C.built_with_cuda())
+
+
+def _acc(x_hat: Tensor, w: Tensor) -> torch.dtype:
+    return torch.float64 if torch.promote_types(x_hat.dtype, w.dtype) == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake("expface_kernels::lse_partials")
+def _lse_partials_fake(x_hat, w, target_logit, labels, s, offset, block_bytes=0):
+    acc = _acc(x_hat, w)
+    b, c = x_hat.shape[0], w.shape[0]
+    return (x_hat.new_empty((b,), dtype=acc), x_hat.new_empty((b,), dtype=acc),
+            x_hat.new_empty((c,), dtype=acc))
+
+
+@torch.library.register_fake("expface_kernels::grads")
+def _grads_fake(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset, block_bytes=0):
+    acc = _acc(x_hat, w)
+    return x_hat.new_empty(x_hat.shape, dtype=acc), w.new_empty(w.shape)
+
+
+@torch.library.register_fake("expface_kernels::fused_forward_grads")
+def _fused_fake(x_hat, w, target_logit, target_factor, labels, grad_row, s, block_bytes=0):
+    acc = _acc(x_hat, w)
+    b, c = x_hat.shape[0], w.shape[0]
+    return (x_hat.new_empty((b,), dtype=acc), x_hat.new_empty(x_hat.shape, dtype=acc),
+            w.new_empty(w.shape), x_hat.new_empty((c,), dtype=acc))
+
+
+# ---------------------------------------------------------------- the contract
+def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
+                 offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (max, sum-exp) of the block's logits and the block's W inverse norms.
+
+    Shapes: x_hat (B, D), w (C_local, D), target_logit (B,) acc, labels (B,) global.
+    Returns row_max (B,), row_sumexp (B,), w_inv_norm (C_local,), all acc.
+    """
+    return _ops.lse_partials(x_hat, w, target_logit, labels, float(s), int(offset), BLOCK_BYTES)
+
+
+def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
+          target_grad: Tensor, grad_row: Tensor, s: float, offset: int) -> tuple[Tensor, Tensor]:
+    """This block's grad_x_hat (B, D) acc and grad_w (C_local, D) in w.dtype.
+
+    lse (B,) final over all blocks; target_grad (B,) = dL/dc at the target column;
+    grad_row (B,) = dL/dloss_i (0 on ignored rows).
+    """
+    return _ops.grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, float(s), int(offset),
+                      BLOCK_BYTES)
+
+
+def fused_forward_grads(x_hat: Tensor, w: Tensor, target_logit: Tensor, target_factor: Tensor,
+                        labels: Tensor, grad_row: Tensor, s: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Single device, all classes: lse (B,), grad_x_hat (B, D), grad_w (C, D), w_inv_norm (C,).
+
+    Blocks of rows against all classes (3 GEMMs); the logits buffer is bounded by
+    BLOCK_BYTES. grad_w is in w.dtype, the rest acc.
+    """
+    return _ops.fused_forward_grads(x_hat, w, target_logit, target_factor, labels, grad_row, float(s),
+                                    BLOCK_BYTES)
+
+
+def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
+    """Why the extension cannot run these tensors (empty list: it can)."""
+    reasons = []
+    devs = {x_hat.device.type, w.device.type}
+    for dev in sorted(devs):
+        if dev == "cuda":
+            if not built_with_cuda():
+                reasons.append("expface_kernels._C was built without CUDA (rebuild with a CUDA toolkit: "
+                               "`FORCE_CUDA=1 pip install --no-build-isolation -e .`)")
+        elif dev != "cpu":
+            reasons.append(f"the extension has CPU and CUDA kernels only, got a {dev} tensor")
+    if "cuda" in devs and torch.float64 in (x_hat.dtype, w.dtype):
+        reasons.append("float64 runs in the extension on CPU only")
+    for name, t in (("x_hat", x_hat), ("w", w)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            reasons.append(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    return reasons
+
+
+BACKEND = Backend(
+    name="extension",
+    lse_partials=lse_partials,
+    grads=grads,
+    unsupported_reasons=unsupported_reasons,
+    fused_forward_grads=fused_forward_grads,
+)
