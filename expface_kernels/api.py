@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .function import MarginSoftmaxFunction
+from .function import margin_softmax
 from .margins import MARGIN_GRADS, resolve_margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,8 +113,8 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     x = embeddings.contiguous()
     w = weight.contiguous()
     be = backends.select_backend(backend, x, w)
-    return MarginSoftmaxFunction.apply(x, w, labels.contiguous(), be.name, spec.name, mv, float(s),
-                                       margin_grad, reduction, ignore_index, 0, None)
+    return margin_softmax(x, w, labels.contiguous(), be.name, spec.name, mv, float(s), margin_grad,
+                          reduction, ignore_index)
 
 
 def expface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,

@@ -12,7 +12,7 @@ One step (every rank, W ranks, B_local rows each, B = W·B_local)::
 
     x  = all_gather(local_embeddings)        (B, D)   autograd-aware (_GatherRows)
     y  = all_gather(local_labels)            (B,)     int64
-    loss = MarginSoftmaxFunction(x, W_r, y, offset=class_start, group)
+    loss = margin_softmax(x, W_r, y, ..., offset=class_start, group=group)
          # inside: all-reduce SUM of the target cosines, MAX then SUM of the row
          # statistics (3 all-reduces of B numbers); each rank's backward yields its
          # block's part of dL/dx and the full dL/dW_r
@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .api import FLOAT_DTYPES, LABEL_DTYPES, validate_inputs
-from .function import MarginSoftmaxFunction
+from .function import margin_softmax
 from .margins import resolve_margin
 from .modules import INIT_STD
 
@@ -459,9 +459,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         else:
             w, offset = self.weight, self.class_start
         be = backends.select_backend(self.backend, x, w)
-        return MarginSoftmaxFunction.apply(x, w.contiguous(), labels, be.name, self._margin_name, self.m,
-                                           self.s, self.margin_grad, self.reduction, -1, offset,
-                                           self.group)
+        return margin_softmax(x, w.contiguous(), labels, be.name, self._margin_name, self.m, self.s,
+                              self.margin_grad, self.reduction, -1, offset, self.group)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

@@ -39,16 +39,13 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
 class MarginSoftmaxFunction(torch.autograd.Function):
     """Margin-softmax cross-entropy over one class block (see the module docstring).
 
-    ``apply(x, w, labels, backend, margin, m, s, margin_grad, reduction, ignore_index,
-    offset, group)`` with x (B, D) float, w (C_local, D) float, labels (B,) int32/int64
-    (already validated), ``backend`` a name already resolved by
-    :func:`backends.select_backend`. Returns the loss in the accumulation dtype.
+    Call it through :func:`margin_softmax` (which passes the grad mode); arguments there.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m,
                 s: float, margin_grad: str, reduction: str, ignore_index: int, offset: int,
-                group):
+                group, grad_enabled: bool):
         be = backends.loaded_backend(backend)
         acc = acc_dtype(x, w)
         x_acc = x.to(acc)
@@ -76,7 +73,9 @@ class MarginSoftmaxFunction(torch.autograd.Function):
             grad_row = kept / kept.sum()
         else:
             grad_row = kept
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is True under torch.no_grad() too: without grad_enabled an
+        # eval-mode call would form (and keep) the fused pass's gradients for nothing.
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         fused = (need_grad and group is None and reduction != "none"
                  and be.fused_forward_grads is not None)
         if fused:
@@ -147,4 +146,22 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         radial = (x_hat_acc * gx_hat).sum(1, keepdim=True)
         radial = torch.where((x_inv < 1.0 / NORM_EPS).unsqueeze(1), radial, torch.zeros_like(radial))
         gx = ((gx_hat - x_hat_acc * radial) * x_inv.unsqueeze(1)).to(ctx.x_dtype)
-        return gx, gw, None, None, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None, None, None, None
+
+
+def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
+                   margin_grad: str, reduction: str, ignore_index: int, offset: int = 0,
+                   group=None) -> Tensor:
+    """The loss over one class block through :class:`MarginSoftmaxFunction`.
+
+    Args:
+        x: (B, D) float embeddings; w: (C_local, D) float centres of the block
+            ``[offset, offset + C_local)``; labels: (B,) int32/int64, already validated.
+        backend: a name already resolved by :func:`backends.select_backend`.
+        margin, m: a margins.MARGINS name and its resolved parameter.
+        group: a process group whose ranks hold the other blocks, or None.
+    Returns:
+        The loss in the accumulation dtype ((B,) for ``reduction="none"``).
+    """
+    return MarginSoftmaxFunction.apply(x, w, labels, backend, margin, m, s, margin_grad, reduction,
+                                       ignore_index, offset, group, torch.is_grad_enabled())

@@ -62,3 +62,28 @@ def test_generic_head_combined_and_training_step():
         opt.step()
         first = first if first is not None else float(loss)
     assert float(loss) < 0.5 * first
+
+
+def test_fused_pass_only_when_gradients_are_wanted(monkeypatch):
+    """The fused forward (which forms the gradients) runs for a training step, never
+    under torch.no_grad() or for reduction='none' (whose grad_output is per row)."""
+    from expface_kernels import backends
+
+    calls = []
+
+    def fused(x_hat, w, target_logit, target_factor, labels, grad_row, s):
+        calls.append(1)
+        raise RuntimeError("fused pass used")
+
+    plain = backends.get_backend("chunked")
+    monkeypatch.setitem(backends._loaded, "chunked",
+                        backends.Backend("chunked", plain.lse_partials, plain.grads,
+                                         plain.unsupported_reasons, fused))
+    x, w, y = make_inputs(3, 7, 4)
+    with torch.no_grad():
+        ek.margin_softmax_loss(x, w, y, backend="chunked")
+    ek.margin_softmax_loss(x, w, y, backend="chunked", reduction="none").sum().backward()
+    ek.margin_softmax_loss(x.detach(), w.detach(), y, backend="chunked")
+    assert calls == []
+    with pytest.raises(RuntimeError, match="fused pass used"):
+        ek.margin_softmax_loss(x, w, y, backend="chunked")

@@ -1,0 +1,13 @@
+"""Benchmarks of expface_kernels against its peers (DESIGN §6).
+
+Run from the repository root::
+
+    python -m bench.run                      # the quick CPU preset (< 2 minutes on 2 cores)
+    python -m bench.run --preset full        # every power of two, more repeats
+    python -m bench.run --device cuda --preset gpu
+    python -m bench.run --preset scale       # C = 2^22 on the CPU, chunked/extension only
+
+Modules: :mod:`bench.peers` (what is measured), :mod:`bench.timing` (alternating
+runs, median/p20/p80), :mod:`bench.memory` (peak extra memory; the CPU worker),
+:mod:`bench.plots` (PNG figures), :mod:`bench.run` (the CLI).
+"""

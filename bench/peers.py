@@ -1,0 +1,245 @@
+"""What the benchmark measures: the library's backends and its peers, behind one interface.
+
+Every candidate turns the same inputs ``x`` (B, D), ``w`` (C, D), ``y`` (B,) into a
+:class:`Prepared` closure that computes the mean loss, plus the leaf tensors whose
+gradients the fwd+bwd measurement produces. A candidate that cannot run here has a
+reason instead (printed by the runner, never silently dropped).
+
+Library backends (``ek.margin_softmax_loss(..., backend=NAME)``):
+    ``reference``, ``chunked``, ``triton`` (never timed on CPU: there it runs only in
+    the interpreter, whose timings mean nothing), ``extension``.
+
+Peers:
+    ``naive``          eager fp32: F.normalize both, F.linear, the margin on the gathered
+                       target cosine through the library's own ``margins.py`` ψ (autograd
+                       through ψ, i.e. the exact gradient), F.cross_entropy.
+    ``naive_compile``  ``torch.compile`` of the same function.
+    ``pml``            pytorch-metric-learning's ArcFaceLoss / CosFaceLoss (margins
+                       arcface, cosface; it owns W as (D, C), so it gets a transposed copy).
+    ``torch_lce``      ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``
+                       (torch's own chunked path) on ŵ and s·x̂ — margin ``none``.
+    ``liger``, ``cce`` Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy,
+                       GPU only, margin ``none``, fed s·x̂ and ŵ (normalisation included
+                       in the timed call so that all candidates compute the same loss).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import expface_kernels as ek
+from expface_kernels.margins import MARGINS, resolve_margin
+
+LIBRARY_BACKENDS = ("reference", "chunked", "triton", "extension")
+PEERS = ("naive", "naive_compile", "pml", "torch_lce", "liger", "cce")
+ALL_CANDIDATES = LIBRARY_BACKENDS + PEERS
+ALL_MARGINS = ("expface", "arcface", "cosface", "sphereface", "combined", "none")
+
+
+@dataclass
+class Prepared:
+    """A ready-to-call loss: ``loss_fn()`` returns the scalar mean loss.
+
+    ``leaves`` are the tensors whose ``.grad`` a fwd+bwd run fills (the runner sets them
+    to None before each run, as ``zero_grad(set_to_none=True)`` does).
+    """
+
+    loss_fn: Callable[[], Tensor]
+    leaves: list
+    margin: str
+
+
+@dataclass
+class Candidate:
+    """One measurable implementation.
+
+    ``margins``: the margins it computes (None: every library margin). ``prepare``
+    builds a :class:`Prepared` for given inputs and margin.
+    """
+
+    name: str
+    kind: str  # "library" or "peer"
+    margins: Optional[tuple]
+    prepare: Callable[..., Prepared]
+    note: str = ""
+    state: dict = field(default_factory=dict)
+
+    def margin_for(self, wanted: str) -> str:
+        """``wanted`` if this candidate computes it, else its own first margin."""
+        if self.margins is None or wanted in self.margins:
+            return wanted
+        return self.margins[0]
+
+
+def _leaves(*ts: Tensor) -> list:
+    return [t for t in ts if t.requires_grad]
+
+
+# --- library backends ---------------------------------------------------------------
+
+def _library(name: str) -> Candidate:
+    def prepare(x, w, y, margin, m, s):
+        def loss_fn():
+            return ek.margin_softmax_loss(x, w, y, margin, s=s, m=m, backend=name)
+        return Prepared(loss_fn, _leaves(x, w), margin)
+    return Candidate(name, "library", None, prepare, f"ek.margin_softmax_loss(backend={name!r})")
+
+
+# --- the naive loss and its compiled twin -------------------------------------------
+
+def naive_loss(x: Tensor, w: Tensor, y: Tensor, margin: str = "expface", m=None, s: float = 64.0) -> Tensor:
+    """The loss as a user would write it: materialises the (B, C) logits, eager fp32.
+
+    The margin is the library's ψ (``margins.MARGINS``) on the gathered target cosine;
+    autograd differentiates through it (the exact gradient, unclamped).
+    """
+    spec, mv = resolve_margin(margin, m)
+    cos = F.linear(F.normalize(x.float(), dim=1), F.normalize(w.float(), dim=1))
+    idx = y.long().unsqueeze(1)
+    c_t = cos.gather(1, idx).squeeze(1)
+    z_t = s * spec.psi(c_t, mv)
+    logits = (s * cos).scatter(1, idx, z_t.unsqueeze(1))
+    return F.cross_entropy(logits, y.long())
+
+
+def _naive() -> Candidate:
+    def prepare(x, w, y, margin, m, s):
+        return Prepared(lambda: naive_loss(x, w, y, margin, m, s), _leaves(x, w), margin)
+    return Candidate("naive", "peer", None, prepare, "eager: F.normalize, F.linear, psi, F.cross_entropy")
+
+
+def _naive_compile() -> Candidate:
+    cache: dict = {}
+
+    def prepare(x, w, y, margin, m, s):
+        key = (margin, m, s)
+        if key not in cache:
+            spec, mv = resolve_margin(margin, m)
+
+            def f(x, w, y):
+                return naive_loss(x, w, y, margin, mv, s)
+            # dynamic=False: one specialised graph per shape, the best case for the peer;
+            # its compile time is paid in the warm-up round, never timed.
+            cache[key] = torch.compile(f, dynamic=False)
+        fn = cache[key]
+        return Prepared(lambda: fn(x, w, y), _leaves(x, w), margin)
+    return Candidate("naive_compile", "peer", None, prepare, "torch.compile(naive)")
+
+
+# --- pytorch-metric-learning ---------------------------------------------------------
+
+def _pml() -> Candidate | str:
+    try:
+        losses = importlib.import_module("pytorch_metric_learning.losses")
+    except Exception as exc:
+        return f"pytorch-metric-learning is not installed ({type(exc).__name__}); pip install pytorch-metric-learning"
+
+    def prepare(x, w, y, margin, m, s):
+        c, d = w.shape
+        if margin == "arcface":
+            mv = resolve_margin("arcface", m)[1]
+            mod = losses.ArcFaceLoss(c, d, margin=math.degrees(mv), scale=s)  # pml takes degrees
+        elif margin == "cosface":
+            mv = resolve_margin("cosface", m)[1]
+            mod = losses.CosFaceLoss(c, d, margin=mv, scale=s)
+        else:
+            raise ValueError(f"pml has no {margin!r} margin")
+        mod = mod.to(device=w.device)
+        # pml owns its centres as W (D, C): give it a copy of ours in that layout.
+        mod.W = torch.nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+        return Prepared(lambda: mod(x, y), _leaves(x, mod.W), margin)
+    return Candidate("pml", "peer", ("arcface", "cosface"), prepare,
+                     "pytorch_metric_learning.losses.ArcFaceLoss/CosFaceLoss")
+
+
+# --- torch's own fused linear cross-entropy -------------------------------------------
+
+def _torch_lce() -> Candidate | str:
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions"
+    opts = torch.nn.LinearCrossEntropyOptions()
+
+    def prepare(x, w, y, margin, m, s):
+        def loss_fn():
+            return F.linear_cross_entropy(s * F.normalize(x, dim=1), F.normalize(w, dim=1), y,
+                                          options=opts)
+        return Prepared(loss_fn, _leaves(x, w), "none")
+    return Candidate("torch_lce", "peer", ("none",), prepare,
+                     "F.linear_cross_entropy(s*x_hat, w_hat, options=LinearCrossEntropyOptions())")
+
+
+# --- GPU-only fused linear cross-entropies ----------------------------------------------
+
+def _liger(device: torch.device) -> Candidate | str:
+    if device.type != "cuda":
+        return "Liger-Kernel runs on CUDA only"
+    try:
+        mod = importlib.import_module("liger_kernel.transformers")
+        lce = mod.LigerFusedLinearCrossEntropyLoss()
+    except Exception as exc:
+        return f"liger-kernel is not installed ({type(exc).__name__}: {exc})"
+
+    def prepare(x, w, y, margin, m, s):
+        def loss_fn():
+            return lce(F.normalize(w, dim=1), s * F.normalize(x, dim=1), y)
+        return Prepared(loss_fn, _leaves(x, w), "none")
+    return Candidate("liger", "peer", ("none",), prepare, "LigerFusedLinearCrossEntropyLoss(w_hat, s*x_hat)")
+
+
+def _cce(device: torch.device) -> Candidate | str:
+    if device.type != "cuda":
+        return "Cut Cross-Entropy runs on CUDA only"
+    try:
+        mod = importlib.import_module("cut_cross_entropy")
+    except Exception as exc:
+        return f"cut-cross-entropy is not installed ({type(exc).__name__}: {exc})"
+
+    def prepare(x, w, y, margin, m, s):
+        def loss_fn():
+            return mod.linear_cross_entropy(s * F.normalize(x, dim=1), F.normalize(w, dim=1), y)
+        return Prepared(loss_fn, _leaves(x, w), "none")
+    return Candidate("cce", "peer", ("none",), prepare, "cut_cross_entropy.linear_cross_entropy(s*x_hat, w_hat)")
+
+
+# --- resolution ------------------------------------------------------------------------
+
+def resolve(names, device) -> tuple[dict, dict]:
+    """Candidates by name for ``device``: ``(usable: name -> Candidate, skipped: name -> reason)``."""
+    device = torch.device(device)
+    usable, skipped = {}, {}
+    avail = ek.available_backends(device)
+    for name in names:
+        if name not in ALL_CANDIDATES:
+            raise ValueError(f"unknown backend/peer {name!r}; choose from {list(ALL_CANDIDATES)}")
+        if name in LIBRARY_BACKENDS:
+            if name == "triton" and device.type == "cpu":
+                skipped[name] = "Triton on CPU runs only in the interpreter: its timings mean nothing"
+                continue
+            if avail.get(name) is not None:
+                skipped[name] = avail[name]
+                continue
+            usable[name] = _library(name)
+            continue
+        made = {"naive": _naive, "naive_compile": _naive_compile, "pml": _pml,
+                "torch_lce": _torch_lce}.get(name)
+        cand = made() if made else (_liger(device) if name == "liger" else _cce(device))
+        if isinstance(cand, str):
+            skipped[name] = cand
+        else:
+            usable[name] = cand
+    return usable, skipped
+
+
+def valid_margins(names) -> list:
+    """Check margin names against the library's MARGINS."""
+    for n in names:
+        if n not in MARGINS:
+            raise ValueError(f"unknown margin {n!r}; choose from {sorted(MARGINS)}")
+    return list(names)

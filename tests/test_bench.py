@@ -1,0 +1,111 @@
+"""Smoke tests of the benchmark runner and the noisy-label example (CPU, tiny sizes).
+
+They run the real entry points in subprocesses (``python -m bench.run``,
+``python examples/noisy_labels.py --quick``) and check what they write: the long-format
+CSV's columns and rows, the Markdown table, and non-empty PNGs.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+sys.path.insert(0, ROOT)
+from bench import memory, peers  # noqa: E402
+from bench.run import CSV_COLUMNS  # noqa: E402
+
+
+def _run(args, timeout=180):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _png_ok(path):
+    assert os.path.exists(path), path
+    with open(path, "rb") as f:
+        head = f.read(8)
+    assert head == b"\x89PNG\r\n\x1a\n", path
+    assert os.path.getsize(path) > 5000, path
+
+
+def test_runner_quick_tiny(tmp_path):
+    out = tmp_path / "bench"
+    p = _run(["-m", "bench.run", "--C", "512", "1024", "--B", "16", "--D", "32", "--rounds", "2",
+              "--sweep-C", "512", "--backends", "naive", "chunked", "triton", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "skipped triton" in p.stderr  # never timed on the CPU
+    assert "CPU numbers" in p.stdout and "| chunked | expface |" in p.stdout
+    with open(out / "results.csv") as f:
+        rd = csv.DictReader(f)
+        assert rd.fieldnames == CSV_COLUMNS
+        rows = list(rd)
+    assert all(r["device"].startswith("CPU") for r in rows)
+    assert {r["torch"] for r in rows} == {torch.__version__}
+
+    def get(**kw):
+        return [r for r in rows if all(r[k] == str(v) for k, v in kw.items())]
+
+    for backend in ("naive", "chunked"):
+        for c in (512, 1024):
+            for op in ("fwd", "fwd+bwd"):
+                med = get(backend=backend, C=c, op=op, metric="time_median")
+                assert len(med) == 1 and float(med[0]["value"]) > 0 and med[0]["unit"] == "s"
+                p20 = float(get(backend=backend, C=c, op=op, metric="time_p20")[0]["value"])
+                p80 = float(get(backend=backend, C=c, op=op, metric="time_p80")[0]["value"])
+                assert p20 <= float(med[0]["value"]) <= p80
+            mem = get(backend=backend, C=c, op="fwd+bwd", metric="peak_extra_mem")
+            assert len(mem) == 1 and mem[0]["unit"] == "bytes"
+    assert len(get(backend="chunked", C=1024, op="fwd+bwd", metric="time_ratio_vs_naive")) == 1
+    assert len(get(backend="chunked", C=1024, op="fwd+bwd", metric="mem_ratio_vs_naive")) == 1
+    assert len(get(backend="gemm", C=512, op="fwd", metric="time_median")) == 1
+    sweep = {r["margin"] for r in get(op="margin_sweep", backend="chunked", metric="time_median")}
+    assert sweep == set(peers.ALL_MARGINS)
+    for name in ("time_vs_C", "memory_vs_C", "margin_sweep", "margins_psi", "margins_grad"):
+        _png_ok(out / f"{name}.png")
+    assert (out / "table.md").read_text().startswith("Device: **CPU")
+
+
+def test_runner_refuses_cuda_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    p = _run(["-m", "bench.run", "--device", "cuda", "--out", str(tmp_path)], timeout=60)
+    assert p.returncode == 2 and "no CUDA device" in p.stderr
+
+
+def test_scale_preset_tiny(tmp_path):
+    """The scale path (one worker per backend, naive need estimated) at a toy size."""
+    p = _run(["-m", "bench.run", "--preset", "scale", "--C", "8192", "--B", "8", "--D", "16",
+              "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "naive (not run): needs" in p.stdout and "| chunked |" in p.stdout
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["metric"] == "est_peak_total_mem" and r["backend"] == "naive" for r in rows)
+    assert any(r["metric"] == "peak_rss" and r["backend"] == "chunked" for r in rows)
+    _png_ok(tmp_path / "scale_memory.png")
+
+
+def test_cpu_memory_worker_counts_a_known_allocation():
+    """The resident-set method sees the naive loss's B×C logits: extra ≥ one logits tensor."""
+    b, c, d = 64, 1 << 14, 32
+    res = memory.run_cpu_jobs([dict(candidate=n, margin="expface", m=None, s=64.0, B=b, C=c, D=d,
+                                    dtype="fp32", op="fwd+bwd", seed=0) for n in ("naive", "chunked")])
+    by = {r["candidate"]: r for r in res}
+    assert "skipped" not in by["naive"], by["naive"]
+    assert by["naive"]["grad_bytes"] == 4 * (b * d + c * d)
+    assert by["naive"]["peak_extra"] >= 4 * b * c  # at least one (B, C) fp32 tensor
+    assert by["chunked"]["peak_extra"] < by["naive"]["peak_extra"]
+
+
+def test_noisy_labels_quick(tmp_path):
+    p = _run([os.path.join("examples", "noisy_labels.py"), "--quick", "--out", str(tmp_path)], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| expface |" in p.stdout and "| arcface |" in p.stdout
+    assert "TAR@FAR=1e-3" in p.stdout
+    _png_ok(tmp_path / "noisy_label_angles.png")
