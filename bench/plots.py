@@ -45,6 +45,14 @@ MARGIN_CURVES = [
 ]
 
 
+
+def save(fig, path):
+    """Lay out, write the PNG (110 dpi) and free the figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def _series(rows, op, metric, dtype, backend):
     pts = sorted((int(r["C"]), float(r["value"])) for r in rows
                  if r["op"] == op and r["metric"] == metric and r["dtype"] == dtype
@@ -104,10 +112,7 @@ def plot_time(rows, path, dtype):
     ax.set_title(f"Margin-softmax loss time, B={b}, D={d}, {dtype}\n{_device(rows)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no data hidden
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_memory(rows, path, dtype):
@@ -135,10 +140,7 @@ def plot_memory(rows, path, dtype):
     ax.set_title(f"Peak extra memory, B={rows[0]['B']}, D={d}, {dtype}\n{_device(rows)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_margin_sweep(rows, path):
@@ -170,10 +172,7 @@ def plot_margin_sweep(rows, path):
                  f"D={sw[0]['D']}, {sw[0]['dtype']}\n{_device(rows)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _theta_grid(n=2001):
@@ -197,10 +196,7 @@ def plot_margins_psi(path):
     ax.set_title("Target-logit curves: ExpFace cos(π(θ/π)^m) vs the classical margins", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_margins_grad(path):
@@ -232,10 +228,7 @@ def plot_margins_grad(path):
         ax.set_xlabel("target angle θ")
         ax.grid(True, alpha=0.3)
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_scale(rows, path):
@@ -265,10 +258,7 @@ def plot_scale(rows, path):
     ax.set_ylabel("peak memory of the process [GiB]")
     ax.set_title(f"fwd+bwd at B={rs[0]['B']}, C=2^{int(math.log2(c))}, D={d}, fp32\n{_device(rows)}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def make_all(rows, out_dir, with_margins=True) -> list:

@@ -157,9 +157,7 @@ def train(margin, data, args, seed=0):
 
 
 def plot_angles(results, path, noise):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench.plots import plt, save  # the benchmark's Agg-backed pyplot and PNG writer
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), sharey=True)
     axes = [axes] if len(results) == 1 else axes
@@ -177,10 +175,7 @@ def plot_angles(results, path, noise):
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("density")
     fig.suptitle(f"Target angles of training samples after training ({noise:.0%} labels flipped)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv=None) -> int:
