@@ -272,7 +272,7 @@ def margin_sweep(rec: Recorder, usable: dict, cfg: dict, device: torch.device, m
     for name in sw["backends"]:
         if name not in usable:
             continue
-        calls, margin_of = {}, {}
+        calls = {}
         for mg in margins:
             p = usable[name].prepare(x, w, y, mg, None, s)
             calls[mg] = (lambda p=p: memory.run_op(p, "fwd+bwd"))

@@ -32,7 +32,6 @@ The contract (DESIGN §3, as implemented here; every backend follows it exactly)
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -63,7 +62,6 @@ _LAZY_MODULES = {
     "triton": "expface_kernels.triton_kernels.backend",
     "extension": "expface_kernels.extension",
 }
-_BUILTIN = ("reference", "chunked")
 BACKEND_NAMES = ("reference", "chunked", "triton", "extension")
 
 # Fastest first, per device type. Triton under the CPU interpreter is exact but orders
@@ -169,7 +167,3 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, st
         out[n] = " / ".join(r) if r else None
     return out
 
-
-def triton_interpreter_enabled() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
