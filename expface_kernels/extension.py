@@ -39,6 +39,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without a build
     ) from _exc
 
 from .backends import Backend
+from .torch_math import acc_dtype
 
 _ops = torch.ops.expface_kernels
 
@@ -53,14 +54,10 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-def _acc(x_hat: Tensor, w: Tensor) -> torch.dtype:
-    return torch.float64 if torch.promote_types(x_hat.dtype, w.dtype) == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------- fake (meta) kernels
 @torch.library.register_fake("expface_kernels::lse_partials")
 def _lse_partials_fake(x_hat, w, target_logit, labels, s, offset, block_bytes=0):
-    acc = _acc(x_hat, w)
+    acc = acc_dtype(x_hat, w)
     b, c = x_hat.shape[0], w.shape[0]
     return (x_hat.new_empty((b,), dtype=acc), x_hat.new_empty((b,), dtype=acc),
             x_hat.new_empty((c,), dtype=acc))
@@ -68,13 +65,13 @@ def _lse_partials_fake(x_hat, w, target_logit, labels, s, offset, block_bytes=0)
 
 @torch.library.register_fake("expface_kernels::grads")
 def _grads_fake(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset, block_bytes=0):
-    acc = _acc(x_hat, w)
+    acc = acc_dtype(x_hat, w)
     return x_hat.new_empty(x_hat.shape, dtype=acc), w.new_empty(w.shape)
 
 
 @torch.library.register_fake("expface_kernels::fused_forward_grads")
 def _fused_fake(x_hat, w, target_logit, target_factor, labels, grad_row, s, block_bytes=0):
-    acc = _acc(x_hat, w)
+    acc = acc_dtype(x_hat, w)
     b, c = x_hat.shape[0], w.shape[0]
     return (x_hat.new_empty((b,), dtype=acc), x_hat.new_empty(x_hat.shape, dtype=acc),
             w.new_empty(w.shape), x_hat.new_empty((c,), dtype=acc))
