@@ -68,9 +68,10 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         c_t = _all_reduce(torch.where(in_block, c_t, torch.zeros_like(c_t)), dist.ReduceOp.SUM, group)
         target_logit, target_factor = target_terms(c_t, MARGINS[margin], m, s, margin_grad)
 
+        n_kept = kept.sum()
         if reduction == "mean":
             # 0/0 = NaN when every row is ignored, as F.cross_entropy.
-            grad_row = kept / kept.sum()
+            grad_row = kept / n_kept
         else:
             grad_row = kept
         # needs_input_grad is True under torch.no_grad() too: without grad_enabled an
@@ -100,7 +101,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         elif reduction == "sum":
             loss = loss_rows.sum()
         else:
-            loss = loss_rows.sum() / kept.sum()
+            loss = loss_rows.sum() / n_kept
 
         ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
         ctx.x_dtype = x.dtype
