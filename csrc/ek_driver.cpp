@@ -2,11 +2,13 @@
 #include "ek_driver.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <limits>
+#include <optional>
 
 namespace ek {
 namespace {
@@ -17,12 +19,18 @@ using at::Tensor;
 // CPU, 32 MiB: at B=256, C=131072, D=512 fp32 (2-core CI machine) row blocks of 64
 // rows; 64 MiB (128 rows) was ~10% faster on the GEMMs alone (0.44 s vs 0.63 s for the
 // three) but the acceptance bounds the working memory at 5% of the naive loss's
-// (~1 GiB there): 32 MiB measured 3.1%.  CUDA, 256 MiB: the driver runs cuBLAS GEMMs
-// over the buffer, so every row block streams W twice; 256 MiB keeps >= 64 rows per
-// block up to C = 2^20 in fp32 (not measured in this session: no GPU).
+// (~1 GiB there): 32 MiB measured 3.1%.
+// CUDA, 24 MiB: on a GPU the training path is the class-chunked one (lse_partials +
+// grads, 4 cuBLAS GEMMs; the fused row blocks would hold ~16 rows of 2^20 classes in
+// this budget and stream W B/16 times).  Measured on an H200 (B=512, C=2^20, D=512,
+// bf16): one cuBLAS GEMM over all classes 0.99 ms; the same work in chunks of 32768
+// classes 1.08-1.14 ms, of 8192 classes 1.74-2.21 ms -- so chunks as long as the memory
+// bound allows.  That bound is 1% of the naive loss's extra memory (4,100 MiB there):
+// 24 MiB (24576 classes at B = 512 bf16) + the C inverse norms stays under it: 38 MiB
+// measured (a 32 MiB block with a 16 MiB fp32 grad_W temporary, since removed: 54 MiB).
 // Override with the op's block_bytes argument or EXPFACE_EXT_BLOCK_BYTES.
 constexpr int64_t kDefaultBlockBytesCPU = int64_t(32) << 20;
-constexpr int64_t kDefaultBlockBytesCUDA = int64_t(256) << 20;
+constexpr int64_t kDefaultBlockBytesCUDA = int64_t(24) << 20;
 
 int64_t resolve_block_bytes(int64_t block_bytes, const at::Device& device) {
   if (block_bytes > 0) return block_bytes;
@@ -51,7 +59,7 @@ void check_vector(const Tensor& t, const char* name, int64_t n, const char* n_na
                   bool is_label = false) {
   TORCH_CHECK(t.defined(), "expface_kernels: ", name, " is an undefined tensor");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "expface_kernels: ", name, " must have shape (", n_name,
-              ",) = (", n, ",), got ", t.sizes());
+              ",) = (", num(n), ",), got ", t.sizes());
   TORCH_CHECK(t.device() == ref.device(), "expface_kernels: ", name, " is on ", t.device(),
               " but x_hat is on ", ref.device());
   if (is_label) {
@@ -61,6 +69,21 @@ void check_vector(const Tensor& t, const char* name, int64_t n, const char* n_na
     TORCH_CHECK(is_float_dtype(t.scalar_type()), "expface_kernels: ", name, " must be a floating tensor, got ",
                 t.scalar_type());
   }
+}
+
+// The dtype of the GEMMs and of the logits buffer.  Equal dtypes: that dtype.  On CUDA
+// a 16-bit x with an fp32 W (the usual mixed-precision face-recognition set-up) runs
+// in the 16-bit dtype: each W chunk is cast on the way (a (chunk, D) copy) so that
+// cuBLAS uses the tensor cores at full rate with fp32 accumulation -- what autocast and
+// the Triton backend do; in fp32 the step took 55 ms against 10 ms for bf16 (H200,
+// B=512, C=2^20, D=512).  On CPU (no fast 16-bit GEMM) and for fp16 + bf16: the
+// promoted dtype.
+at::ScalarType compute_dtype(const Tensor& x_hat, const Tensor& w) {
+  const auto a = x_hat.scalar_type(), b = w.scalar_type();
+  if (a == b) return a;
+  const bool a16 = a == at::kHalf || a == at::kBFloat16, b16 = b == at::kHalf || b == at::kBFloat16;
+  if (x_hat.is_cuda() && a16 != b16 && (a == at::kFloat || b == at::kFloat)) return a16 ? a : b;
+  return at::promote_types(a, b);
 }
 
 struct Common {
@@ -75,15 +98,13 @@ Common check_common(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w
   TORCH_CHECK(w.device() == x_hat.device(), "expface_kernels: w is on ", w.device(), " but x_hat is on ",
               x_hat.device());
   TORCH_CHECK(w.size(1) == x_hat.size(1), "expface_kernels: w must have shape (C_local, D) with D = x_hat.size(1) = ",
-              x_hat.size(1), ", got w of shape ", w.sizes());
-  TORCH_CHECK(std::isfinite(s) && s > 0, "expface_kernels: s must be a finite positive scale, got ", s);
+              num(x_hat.size(1)), ", got w of shape ", w.sizes());
+  TORCH_CHECK(std::isfinite(s) && s > 0, "expface_kernels: s must be a finite positive scale, got ", num(s));
   Common c;
   c.B = x_hat.size(0);
   c.D = x_hat.size(1);
   c.n = w.size(0);
-  // fp16 x + fp32 W (the usual face-recognition set-up) computes in fp32 after casting
-  // the small x; bf16 + fp16 computes in fp32.
-  c.cd = at::promote_types(x_hat.scalar_type(), w.scalar_type());
+  c.cd = compute_dtype(x_hat, w);
   c.acc = c.cd == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(c.cd != at::kDouble || x_hat.device().is_cpu(), "expface_kernels: float64 inputs are supported by "
               "the extension on CPU only (got x_hat ", x_hat.scalar_type(), ", w ", w.scalar_type(), " on ",
@@ -91,23 +112,46 @@ Common check_common(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w
   return c;
 }
 
-// Labels are only ever compared with column indices inside the epilogues, except in
-// the fused op, which gathers W[labels]: there they must lie in [-1, C).  Checked here,
-// before any kernel is launched (one device sync on CUDA), so that bad input raises
+// Labels: lse_partials and grads only compare them with column indices inside the
+// epilogues (a label outside [0, C) -- or below -1 -- matches no column), so they take
+// them as they are: no check, hence no device sync in the training path (the Python API
+// validates labels once per call).  The fused op gathers W[labels] and checks them here,
+// before any kernel is launched (a device sync on CUDA), so that bad input raises
 // instead of reaching a device-side assert or an out-of-bounds read.
-Tensor checked_labels(const Tensor& labels, int64_t upper /* exclusive, or -1 for none */) {
+Tensor checked_labels(const Tensor& labels, int64_t upper /* exclusive */) {
   Tensor lab = labels.to(at::kLong).contiguous();
   if (lab.numel() == 0) return lab;
-  auto mn = lab.min().item<int64_t>();
-  TORCH_CHECK(mn >= -1, "expface_kernels: labels must be >= -1 (ignored rows are passed as -1), got ", mn);
-  if (upper >= 0) {
-    auto mx = lab.max().item<int64_t>();
-    TORCH_CHECK(mx < upper, "expface_kernels: labels must be < C = ", upper, " (or -1 for ignored rows), got ", mx);
-  }
+  // min and max in one copy to the host
+  const Tensor mm = at::stack({lab.min(), lab.max()}).cpu();
+  const int64_t mn = mm[0].item<int64_t>(), mx = mm[1].item<int64_t>();
+  TORCH_CHECK(mn >= -1, "expface_kernels: labels must be >= -1 (ignored rows are passed as -1), got ", num(mn));
+  TORCH_CHECK(mx < upper, "expface_kernels: labels must be < C = ", num(upper), " (or -1 for ignored rows), got ", num(mx));
   return lab;
 }
 
 Tensor acc_vec(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+// a @ b with an fp32 result for 16-bit a, b: cuBLAS accumulates in fp32 and, through
+// aten::mm.dtype (CUDA, torch >= 2.8), writes fp32 without rounding to 16 bits first.
+// Looked up by name so that the extension also builds against a torch without it;
+// elsewhere (CPU, older torch) the product is rounded to a/b's dtype, then widened.
+Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return at::mm(a, b);
+  if (a.is_cuda() && acc == at::kFloat) {
+    using Fn = Tensor(const Tensor&, const Tensor&, at::ScalarType);
+    static const std::optional<c10::TypedOperatorHandle<Fn>> op = []() -> std::optional<c10::TypedOperatorHandle<Fn>> {
+      try {
+        auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+        if (h.has_value()) return h->typed<Fn>();
+      } catch (const c10::Error&) {
+        // a schema of another signature: use the fallback below
+      }
+      return std::nullopt;
+    }();
+    if (op.has_value()) return op->call(a, b, acc);
+  }
+  return at::mm(a, b).to(acc);
+}
 
 }  // namespace
 
@@ -117,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   Common c = check_common(ops, x_hat, w, s);
   check_vector(target_logit, "target_logit", c.B, "B", x_hat);
   check_vector(labels, "labels", c.B, "B", x_hat, /*is_label=*/true);
-  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", offset);
+  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", num(offset));
   const auto acc_opts = x_hat.options().dtype(c.acc);
   Tensor row_max = at::full({c.B}, -std::numeric_limits<double>::infinity(), acc_opts);
   Tensor row_sumexp = at::zeros({c.B}, acc_opts);
@@ -126,7 +170,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   Tensor wr = w.contiguous();
   ops.row_inv_norm(wr, winv);
   if (c.B == 0) return {row_max, row_sumexp, winv};
-  Tensor lab = checked_labels(labels, -1);
+  Tensor lab = labels.to(at::kLong).contiguous();
   Tensor tl = acc_vec(target_logit, c.acc);
   Tensor xc = x_hat.to(c.cd).contiguous();
 
@@ -153,11 +197,13 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
   check_vector(lse, "lse", c.B, "B", x_hat);
   check_vector(target_grad, "target_grad", c.B, "B", x_hat);
   check_vector(grad_row, "grad_row", c.B, "B", x_hat);
-  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", offset);
+  TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", num(offset));
   Tensor gx = at::zeros({c.B, c.D}, x_hat.options().dtype(c.acc));
-  Tensor gw = at::zeros({c.n, c.D}, w.options());
-  if (c.n == 0 || c.B == 0 || c.D == 0) return {gx, gw};
-  Tensor lab = checked_labels(labels, -1);
+  if (c.n == 0 || c.B == 0 || c.D == 0) return {gx, at::zeros({c.n, c.D}, w.options())};
+  // Every row of grad_w is written by its chunk's GEMM or projection: no zero fill (a
+  // C x D memset, 0.32 ms of a 9 ms step on an H200 at C=2^20, D=512, bf16).
+  Tensor gw = at::empty({c.n, c.D}, w.options());
+  Tensor lab = labels.to(at::kLong).contiguous();
   Tensor winv = acc_vec(w_inv_norm, c.acc);
   Tensor lse_a = acc_vec(lse, c.acc), tg = acc_vec(target_grad, c.acc), gr = acc_vec(grad_row, c.acc);
   Tensor xc = x_hat.to(c.cd).contiguous();
@@ -166,7 +212,6 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
   const int64_t esize = c10::elementSize(c.cd);
   const int64_t nc = std::min<int64_t>(c.n, std::max<int64_t>(1, resolve_block_bytes(block_bytes, x_hat.device()) / (c.B * esize)));
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
-  const bool direct = (c.cd == c.acc) && (w.scalar_type() == c.acc);
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
     Tensor w_raw = wr.narrow(0, j0, len);
@@ -178,16 +223,20 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
     if (c.cd == c.acc) {
       gx.addmm_(L, wc);
     } else {
-      gx.add_(at::mm(L, wc).to(c.acc));
+      gx.add_(mm_acc(L, wc, c.acc));
     }
+    // grad_W: ONE GEMM per chunk, in the compute dtype, straight into grad_w when it has
+    // that dtype (else into a (chunk, D) temporary), then the projection in fp32 (acc),
+    // rounded once into grad_w.  For 16-bit inputs the product is thus rounded before
+    // the projection; a fp32 product through sub-chunks of a bounded temporary cost
+    // 6 more ATen calls per chunk and made the backward host-bound (13 ms of host time
+    // per step against 6.7 ms before; H200, B=512, C=2^20, bf16).
     Tensor gwc = gw.narrow(0, j0, len);
-    if (direct) {
+    if (w.scalar_type() == c.cd) {
       at::mm_out(gwc, L.t(), xc);
-      ops.project_rows(gwc, w_raw, winv_c);
+      ops.project_rows(gwc, w_raw, winv_c, gwc);
     } else {
-      Tensor tmp = at::mm(L.t(), xc).to(c.acc);
-      ops.project_rows(tmp, w_raw, winv_c);
-      gwc.copy_(tmp);
+      ops.project_rows(at::mm(L.t(), xc), w_raw, winv_c, gwc);
     }
   }
   return {gx, gw};
@@ -258,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
       }
     }
   }
-  ops.project_rows(gw_acc, wr, winv);
+  ops.project_rows(gw_acc, wr, winv, gw_acc);
   Tensor gw = direct ? gw_acc : gw_acc.to(w.scalar_type());
   return {lse, gx, gw, winv};
 }

@@ -9,9 +9,27 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdio>
+#include <string>
 #include <tuple>
 
 namespace ek {
+
+// Numbers for error messages, formatted with snprintf rather than std::ostream: on the
+// H200 machine's image (torch 2.11, 2026-11-28) ostream's integer insertion called from
+// this library crashed inside the locale's num_put facet (cuda-gdb backtrace through
+// c10::str in a TORCH_CHECK); const char* insertion worked. Root cause not found.
+inline std::string num(long long v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%lld", v);
+  return b;
+}
+inline std::string num(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.17g", v);
+  return b;
+}
+inline std::string num(int64_t v) { return num(static_cast<long long>(v)); }
 
 // Device-specific epilogues.  Conventions for all of them:
 //   L        (rows, n) contiguous logits x_hat @ W_blk^T in the compute dtype
@@ -45,9 +63,11 @@ struct EpilogueOps {
   void (*fused_rows)(const at::Tensor& L, const at::Tensor& winv, const at::Tensor& target_logit,
                      const at::Tensor& target_factor, const at::Tensor& labels, const at::Tensor& grad_row,
                      double s, const at::Tensor& lse, const at::Tensor& row_scale, const at::Tensor& tgrad);
-  // In place on gw (n, D) acc dtype holding gs_j = winv_j * g_j:
-  //   gw_j <- gs_j - w_hat_j (w_hat_j . gs_j)   where winv_j <= 1e12 (F.normalize's backward).
-  void (*project_rows)(const at::Tensor& gw, const at::Tensor& w, const at::Tensor& winv);
+  // gs (n, D) holding gs_j = winv_j * g_j, in the acc dtype or the GEMMs' 16-bit dtype;
+  // out (n, D) in the acc dtype or w's (may be gs itself: in place); fp32/fp64 math,
+  // rounded once into out:
+  //   out_j <- gs_j - w_hat_j (w_hat_j . gs_j)   where winv_j <= 1e12 (F.normalize's backward).
+  void (*project_rows)(const at::Tensor& gs, const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out);
   // Device name for messages ("CPU" / "CUDA").
   const char* device_name;
 };

@@ -45,7 +45,7 @@ _ops = torch.ops.expface_kernels
 
 BLOCK_BYTES = 0
 """Bound of the kernels' logits buffer in bytes; 0 takes the C++ default
-(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU, 256 MiB on CUDA). Tests lower it to
+(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU and on CUDA). Tests lower it to
 force many blocks."""
 
 
@@ -135,4 +135,10 @@ BACKEND = Backend(
     grads=grads,
     unsupported_reasons=unsupported_reasons,
     fused_forward_grads=fused_forward_grads,
+    # CPU only. On a GPU a row block against all classes holds few rows within a memory
+    # bound of ~1% of the naive loss's (16 rows of 2^20 bf16 classes = 32 MiB), so its
+    # GEMMs stream W B/16 times; the class-chunked 4-GEMM path streams W once per GEMM
+    # and keeps each (B, chunk) block in L2. On the CPU the fused path is what brings
+    # the extension to 0.47x of naive (B=256, C=2^17, D=512, fp32, bench/RESULTS.md).
+    fused_device_types=("cpu",),
 )

@@ -78,7 +78,8 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         # eval-mode call would form (and keep) the fused pass's gradients for nothing.
         need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         fused = (need_grad and group is None and reduction != "none"
-                 and be.fused_forward_grads is not None)
+                 and be.fused_forward_grads is not None
+                 and x.device.type in be.fused_device_types)
         if fused:
             lse, gx_hat, gw, w_inv = be.fused_forward_grads(
                 x_hat, w, target_logit, target_factor, labels, grad_row, s)

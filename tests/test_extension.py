@@ -174,9 +174,16 @@ def fatbin_cubin_archs(path: str) -> list[int]:
 
 @pytest.mark.skipif(not ext.built_with_cuda(), reason="CPU-only build of expface_kernels._C")
 def test_cuda_build_carries_sm80_and_sm90_sass():
-    """The installed extension carries compiled CUDA code for sm_80 and sm_90 (needs no GPU)."""
+    """The installed extension carries compiled CUDA code for sm_80 and sm_90 (needs no GPU)
+    -- setup.py's default; where TORCH_CUDA_ARCH_LIST is set, the architectures it names
+    (the H200 machine's image sets it: its build carried sm_90 alone)."""
+    wanted = {80, 90}
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        wanted = {int(float(a.split("+")[0].rstrip("a")) * 10) for a in env.replace(",", ";").replace(" ", ";").split(";")
+                  if a and a[0].isdigit()}
     archs = fatbin_cubin_archs(ext._C.__file__)
-    assert {80, 90} <= set(archs), archs
+    assert wanted <= set(archs), (archs, env)
 
 
 # ------------------------------------------------------------------ opcheck
@@ -407,10 +414,12 @@ def test_lse_partials_and_grads_errors():
     x, w, tl, tf, y, gr, s = _good()
     with pytest.raises(RuntimeError, match="offset must be >= 0"):
         ext.lse_partials(x, w, tl, y, s, -1)
-    with pytest.raises(RuntimeError, match="labels must be >= -1"):
-        ext.lse_partials(x, w, tl, torch.full_like(y, -5), s, 0)
-    # labels beyond this block are legal (other blocks / ranks own them)
-    ext.lse_partials(x, w, tl, y + 1000, s, 0)
+    # Labels are only compared with columns (no check, so no device sync): -5, or labels
+    # beyond this block (other blocks / ranks own them), substitute nothing, like -1.
+    none = ext.lse_partials(x, w, tl, torch.full_like(y, -1), s, 0)
+    for far in (torch.full_like(y, -5), y + 1000):
+        for a, b in zip(ext.lse_partials(x, w, tl, far, s, 0), none):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     m, S, winv = ext.lse_partials(x, w, tl, y, s, 0)
     lse = m + torch.log(S)
     with pytest.raises(RuntimeError, match=r"w_inv_norm must have shape \(C_local,\)"):

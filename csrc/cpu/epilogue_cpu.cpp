@@ -215,34 +215,43 @@ void fused_rows_cpu(const Tensor& L, const Tensor& winv, const Tensor& target_lo
 }
 
 // ---------------------------------------------------------------- project_rows
-template <typename scalar_t, typename acc_t>
-void project_rows_kernel(const Tensor& gw, const Tensor& w, const Tensor& winv) {
-  const int64_t n = gw.size(0), D = gw.size(1);
-  acc_t* G = gw.mutable_data_ptr<acc_t>();
+template <typename scalar_t, typename acc_t, typename out_t>
+void project_rows_kernel(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out) {
+  const int64_t n = gs.size(0), D = gs.size(1);
+  const acc_t* G = gs.const_data_ptr<acc_t>();
+  out_t* O = out.mutable_data_ptr<out_t>();  // may be G itself (in place)
   const scalar_t* W = w.const_data_ptr<scalar_t>();
   const acc_t* wv = winv.const_data_ptr<acc_t>();
   at::parallel_for(0, n, row_grain(2 * D), [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
-      acc_t* g = G + j * D;
+      const acc_t* g = G + j * D;
+      out_t* o = O + j * D;
       const scalar_t* r = W + j * D;
       acc_t dot = acc_t(0);
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(r[d]) * g[d];
       const acc_t k = projection_coef(wv[j], dot);
-      if (k != acc_t(0)) {
+      // element-wise (o[d] depends on g[d] only): vectorisable also when o aliases g
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) g[d] -= k * static_cast<acc_t>(r[d]);
-      }
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(g[d] - k * static_cast<acc_t>(r[d]));
     }
   });
 }
 
-void project_rows_cpu(const Tensor& gw, const Tensor& w, const Tensor& winv) {
+void project_rows_cpu(const Tensor& gs_in, const Tensor& w, const Tensor& winv, const Tensor& out) {
+  // The projection runs in the acc dtype (winv's); a 16-bit grad_W product is widened
+  // first (a (rows, D) copy: the CPU path forms its 16-bit products this way anyway).
+  const Tensor gs = gs_in.scalar_type() == winv.scalar_type() ? gs_in : gs_in.to(winv.scalar_type());
+  TORCH_CHECK(out.scalar_type() == gs.scalar_type() || out.scalar_type() == w.scalar_type(),
+              "expface_kernels: internal: project_rows writes the acc dtype or w's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "expface_project_rows_cpu", [&] {
-    if (gw.scalar_type() == at::kDouble) {
-      project_rows_kernel<scalar_t, double>(gw, w, winv);
+    const bool same = out.scalar_type() == gs.scalar_type();
+    if (gs.scalar_type() == at::kDouble) {
+      if (same) project_rows_kernel<scalar_t, double, double>(gs, w, winv, out);
+      else project_rows_kernel<scalar_t, double, scalar_t>(gs, w, winv, out);
     } else {
-      project_rows_kernel<scalar_t, float>(gw, w, winv);
+      if (same) project_rows_kernel<scalar_t, float, float>(gs, w, winv, out);
+      else project_rows_kernel<scalar_t, float, scalar_t>(gs, w, winv, out);
     }
   });
 }

@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "../ek_math.h"
+#include "../ek_driver.h"
 #include "epilogue_cuda.h"
 
 #define EK_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
@@ -175,24 +176,50 @@ __global__ void __launch_bounds__(kThreads) fused_rows_kernel(scalar_t* __restri
   }
 }
 
+// The (rows, D) operands of the projection come in float, half or bfloat16 (the
+// grad_W GEMM's dtype in, w's or fp32 out): one kernel per W dtype, the other two
+// dtypes read through a tag (uniform per launch, so the branch costs nothing).
+enum FloatTag : int { kTagFloat = 0, kTagHalf = 1, kTagBFloat16 = 2 };
+
+inline FloatTag float_tag(at::ScalarType t) {
+  return t == at::kFloat ? kTagFloat : t == at::kHalf ? kTagHalf : kTagBFloat16;
+}
+
+__device__ __forceinline__ float load_tagged(const void* p, int64_t i, int tag) {
+  if (tag == kTagFloat) return static_cast<const float*>(p)[i];
+  if (tag == kTagHalf) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+  return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_tagged(void* p, int64_t i, int tag, float v) {
+  if (tag == kTagFloat) {
+    static_cast<float*>(p)[i] = v;
+  } else if (tag == kTagHalf) {
+    static_cast<c10::Half*>(p)[i] = static_cast<c10::Half>(v);
+  } else {
+    static_cast<c10::BFloat16*>(p)[i] = static_cast<c10::BFloat16>(v);
+  }
+}
+
 template <typename scalar_t>
-__global__ void project_rows_kernel(float* __restrict__ G, const scalar_t* __restrict__ W,
-                                    const float* __restrict__ winv, int64_t n, int64_t D) {
+__global__ void project_rows_kernel(const void* G, int g_tag, const scalar_t* __restrict__ W,
+                                    const float* __restrict__ winv, void* O, int o_tag, int64_t n, int64_t D) {
+  // O may be G itself (in place): each element is read, then written, by one thread.
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWRows + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= n) return;
-  float* g = G + row * D;
-  const scalar_t* r = W + row * D;
+  const int64_t base = row * D;
+  const scalar_t* r = W + base;
   float dot = 0.f;
-  for (int64_t d = lane; d < D; d += 32) dot += static_cast<float>(r[d]) * g[d];
+  for (int64_t d = lane; d < D; d += 32) dot += static_cast<float>(r[d]) * load_tagged(G, base + d, g_tag);
   dot = warp_sum(dot);
   const float k = projection_coef(winv[row], dot);
-  if (k != 0.f)
-    for (int64_t d = lane; d < D; d += 32) g[d] -= k * static_cast<float>(r[d]);
+  for (int64_t d = lane; d < D; d += 32)
+    store_tagged(O, base + d, o_tag, load_tagged(G, base + d, g_tag) - k * static_cast<float>(r[d]));
 }
 
 inline unsigned int rows_grid(int64_t rows) {
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "expface_kernels: too many rows for one launch: ", rows);
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "expface_kernels: too many rows for one launch: ", num(rows));
   return static_cast<unsigned int>(rows);
 }
 
@@ -253,14 +280,21 @@ void fused_rows_cuda(const Tensor& L, const Tensor& winv, const Tensor& target_l
   });
 }
 
-void project_rows_cuda(const Tensor& gw, const Tensor& w, const Tensor& winv) {
-  const int64_t n = gw.size(0), D = gw.size(1);
+void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out) {
+  const int64_t n = gs.size(0), D = gs.size(1);
   if (n == 0) return;
-  TORCH_CHECK(gw.scalar_type() == at::kFloat, "expface_kernels: internal: CUDA grad_w accumulator must be float32");
+  for (const Tensor* t : {&gs, &out}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                "expface_kernels: internal: project_rows takes float32/float16/bfloat16 on CUDA");
+    TORCH_CHECK(t->is_contiguous(), "expface_kernels: internal: project_rows needs contiguous rows");
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned int grid = rows_grid((n + kWRows - 1) / kWRows);
   EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_project_rows_cuda", [&] {
-    project_rows_kernel<scalar_t><<<rows_grid((n + kWRows - 1) / kWRows), kWRows * 32, 0, stream>>>(
-        gw.mutable_data_ptr<float>(), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(), n, D);
+    project_rows_kernel<scalar_t><<<grid, kWRows * 32, 0, stream>>>(
+        gs.const_data_ptr(), float_tag(gs.scalar_type()), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(),
+        out.mutable_data_ptr(), float_tag(out.scalar_type()), n, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
