@@ -141,6 +141,17 @@ def test_primitives_many_splits_and_chunks():
     check_primitives(primitive_inputs(37, 130, 33, 5, seed=3), fwd_config=fwd, grads_config=grd)
 
 
+def test_forward_with_norms_from_a_separate_pass():
+    """ForwardConfig.norms_in_loop=False: the row norms from _row_inv_norm_kernel."""
+    configs, _, _, _ = _tk()
+    t = configs.GemmTile(16, 16, 16, 4, 1)
+    fwd = configs.ForwardConfig(t, target_programs=3, norms_in_loop=False)
+    check_primitives(primitive_inputs(17, 130, 33, 0, seed=8), fwd_config=fwd)
+    a = primitive_inputs(5, 37, 7, offset=0, seed=9)
+    a["w"][3] = 0.0  # a zero centre: its inverse norm clamped at 1e12, as in the loop
+    check_primitives(a, fwd_config=fwd)
+
+
 def test_int32_labels_and_block_without_targets():
     a = primitive_inputs(17, 37, 7, offset=0, seed=4)
     a["labels"] = a["labels"].to(torch.int32)

@@ -94,12 +94,15 @@ def check(cap: int, pair: str, B: int, C: int, D: int) -> list[dict]:
     # What a launch would use: for fp32, torch.backends.cuda.matmul.allow_tf32 decides.
     prec = os.environ.get("EXPFACE_CHECK_PRECISION") or configs.dot_input_precision(dd, torch.device("cuda"))
     i32, f32p = "i32", "*fp32"
+    lse_sig = dict(
+        x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
+        winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
+        tiles_per_split=i32, num_row_tiles=i32)
     jobs = [
-        ("lse_partials", lf._lse_partials_kernel, fcfg, dict(
-            x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
-            winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
-            tiles_per_split=i32, num_row_tiles=i32),
-         dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K)),
+        ("lse_partials", lf._lse_partials_kernel, fcfg, lse_sig,
+         dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K, NORMS_IN_LOOP=True)),
+        ("lse_partials/norms pass", lf._lse_partials_kernel, fcfg, lse_sig,
+         dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K, NORMS_IN_LOOP=False)),
         ("grad_logits", gb._grad_logits_kernel, gcfg.g_tile, dict(
             x_ptr=X, w_ptr=W, winv_ptr=f32p, labels_ptr="*i64", lse_ptr=f32p, tgrad_ptr=f32p,
             grow_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32, offset=i32,

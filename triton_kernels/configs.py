@@ -60,10 +60,15 @@ class ForwardConfig:
     per class tile). Each program walks its split's class tiles in order, so the
     programs of one split (consecutive program ids, the row tiles) read the same W tile
     at about the same time: W comes from HBM once, its re-reads hit L2.
+
+    ``norms_in_loop``: W's row norms from the GEMM's own W tiles (True), or from a
+    separate pass over W before the GEMM (False: one more read of W, ~0.2 ms at
+    C = 2^20, D = 512 bf16 on an H200, but a K loop free of CUDA-core work).
     """
 
     tile: GemmTile
     target_programs: int
+    norms_in_loop: bool = True
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,15 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
         # per thread, no spills, loads pipelined (cp.async) -- registers allow one 8-warp
         # program per SM, so the grid is ~2 waves of long programs (each walks thousands
         # of class tiles at C = 2^20: the second wave is as full as the first).
+        # Tried on an H200 (Triton 3.6, B=512, C=2^20, D=512, bf16, bench/gpu_profile.py
+        # variants): 128x256 tiles ran the forward in 1.80 ms against 2.04 ms but gave
+        # WRONG numbers -- loss error 3.2e-4 against 7.6e-6 for 128x128, grad_x errors of
+        # 5-18% in test_gpu_low_precision_within_twice_reference (bf16 and fp16; B=256,
+        # C=5000) -- not yet understood (not a ragged-tile issue: C=2^20 showed it too).
+        # So 256-wide class tiles are neither the default nor an autotune candidate.
+        # Others measured: 128x64/w4s4 2.17, 128x128x128/w8s2 2.28, 128x128/w4s4 1.88,
+        # norms in a separate pass 2.93 ms (the extra pass over W costs more than the
+        # in-loop squares).
         tile = GemmTile(bm, 128, 64 if half else (16 if fma else 32), 8, 3)
         waves = 2
     elif kind == "ampere":
@@ -189,8 +203,10 @@ def grads_config(device: torch.device, B: int, C: int, D: int,
     bm = 128 if B >= 128 else max(16, _next_pow2(B))
     fwd = forward_config(device, B, C, D, dot_dtype, load_bytes).tile
     # The G kernel is the forward's GEMM transposed (classes x rows) with a cheaper
-    # epilogue (no norms): the same tile with M and N swapped.
-    g = GemmTile(fwd.BLOCK_N, fwd.BLOCK_M, fwd.BLOCK_K, fwd.num_warps, fwd.num_stages)
+    # epilogue (no norms): the forward's tile with M and N swapped, at most 128 classes
+    # (it writes a (classes, rows) G tile and keeps more per-element state than the
+    # forward: 225 registers at 128x128 on sm_90 in compile_check).
+    g = GemmTile(min(fwd.BLOCK_N, 128), fwd.BLOCK_M, fwd.BLOCK_K, fwd.num_warps, fwd.num_stages)
     if kind in ("hopper", "blackwell", "ampere"):
         # dW: (classes x features) output, K = B (~512-1024): a plain GEMM, 128x128 with K
         # step 64 (half on Hopper: 3 stages x 32 KB) / 32 (tf32, Ampere: 4 stages x 16 KB);
@@ -247,17 +263,19 @@ def dot_input_precision(dot_dtype: torch.dtype, device: torch.device) -> str:
 
 def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: torch.dtype,
                        load_bytes: int = 0) -> list[ForwardConfig]:
-    """The default first, then a few variations of tile width, K step, warps and stages."""
+    """The default first, then a few variations of tile width, K step, warps and stages
+    (no 256-wide class tiles: see forward_config)."""
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
-    for bn, bk, warps, stages in ((256, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
+    for bn, bk, warps, stages in ((64, t.BLOCK_K, 4, 4),
                                   (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
                                   (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs)
         if cand not in out:
             out.append(cand)
     out.append(ForwardConfig(t, base.target_programs * 2))
+    out.append(ForwardConfig(t, base.target_programs, norms_in_loop=not base.norms_in_loop))
     return out
 
 

@@ -39,8 +39,11 @@ def _lse_partials_kernel(
     stride_xb, stride_wc,
     tiles_per_split, num_row_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, NORMS_IN_LOOP: tl.constexpr,
 ):
+    """NORMS_IN_LOOP: W's row norms from the tiles loaded for the GEMM (and stored by row
+    tile 0); otherwise winv_ptr already holds them (``_row_inv_norm_kernel``) and the K
+    loop is a plain GEMM."""
     pid = tl.program_id(0)
     pid_m = pid % num_row_tiles
     split = pid // num_row_tiles
@@ -81,14 +84,18 @@ def _lse_partials_kernel(
             k_ok = ks < D
             xt = tl.load(x_row_ptr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_col_ptr + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            # Row norms from the tile already loaded for the GEMM: no second pass over W.
-            wf = wt.to(tl.float32)
-            sq += tl.sum(wf * wf, axis=0)
+            if NORMS_IN_LOOP:
+                # Row norms from the tile already loaded for the GEMM: no second pass over W.
+                wf = wt.to(tl.float32)
+                sq += tl.sum(wf * wf, axis=0)
             acc = tl.dot(cast_for_dot(xt, DOT_KIND), cast_for_dot(wt, DOT_KIND), acc,
                          input_precision=INPUT_PRECISION)
-        inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-        # Every row tile computes the same norms; one writes them (no duplicate stores).
-        tl.store(winv_ptr + cols64, inv, mask=col_ok & (pid_m == 0))
+        if NORMS_IN_LOOP:
+            inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+            # Every row tile computes the same norms; one writes them (no duplicate stores).
+            tl.store(winv_ptr + cols64, inv, mask=col_ok & (pid_m == 0))
+        else:
+            inv = tl.load(winv_ptr + cols64, mask=col_ok, other=1.0)
         z = acc * (inv * s)[None, :]
         # The margin's target logit substituted inside the tile (never s*c then a
         # correction of the logsumexp: that cancels badly as p_y -> 1).
@@ -104,6 +111,22 @@ def _lse_partials_kernel(
     out = split.to(tl.int64) * B + rows64
     tl.store(pmax_ptr + out, m_i, mask=row_ok)
     tl.store(psum_ptr + out, l_i, mask=row_ok)
+
+
+@triton.jit
+def _row_inv_norm_kernel(w_ptr, winv_ptr, C, D, stride_wc,
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """winv[j] = 1 / max(||W_j||, 1e-12) for BLOCK_C rows per program (fp32 sums)."""
+    rows = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = rows < C
+    rows64 = rows.to(tl.int64)
+    sq = tl.zeros([BLOCK_C], tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        wt = tl.load(w_ptr + rows64[:, None] * stride_wc + ks[None, :],
+                     mask=ok[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(wt * wt, axis=1)
+    tl.store(winv_ptr + rows64, 1.0 / tl.maximum(tl.sqrt(sq), 1e-12), mask=ok)
 
 
 @triton.jit
@@ -182,6 +205,10 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
     pmax = torch.empty((splits, B), dtype=f32, device=dev)
     psum = torch.empty((splits, B), dtype=f32, device=dev)
     t = cfg.tile
+    if not cfg.norms_in_loop:
+        _row_inv_norm_kernel[(triton.cdiv(C, 32),)](w, w_inv, C, D, w.stride(0), BLOCK_C=32,
+                                                    BLOCK_D=min(128, triton.next_power_of_2(D)),
+                                                    num_warps=4)
     _lse_partials_kernel[(row_tiles * splits,)](
         x_hat, w, target_logit, labels, pmax, psum, w_inv,
         B, C, D, int(offset), float(s),
@@ -189,6 +216,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         per, row_tiles,
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
         DOT_KIND=dot_kind(dd), INPUT_PRECISION=configs.dot_input_precision(dd, dev),
+        NORMS_IN_LOOP=cfg.norms_in_loop,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if splits == 1:
