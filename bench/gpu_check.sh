@@ -1,24 +1,64 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 3): install, GPU tests, GPU benchmark -- in under 8 minutes.
+# One-shot GPU check (issues 3 and 4): install, GPU tests, GPU benchmark, profile -- in
+# under 8 minutes.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (default OUT: bench/out)
 #
 # Needs: a CUDA GPU, torch + triton preinstalled, no network (`python -m pip`, so that the
-# build sees the same interpreter as torch; --no-deps, no build
-# isolation). Every step logs to $OUT/*.log; the benchmark (bench/gpu_bench.py) writes
-# $OUT/gpu_bench.md / gpu_bench.csv after every shape, largest C first, and its table is
-# printed last. Each step is time-boxed from what is left of TOTAL_S, so the script ends
-# within ~8 minutes even if a step hangs; a failed step does not stop the later ones.
+# build sees the same interpreter as torch; --no-deps, no build isolation). Every step
+# logs to a temporary folder; the benchmark (bench/gpu_bench.py) writes gpu_bench.md /
+# .csv after every shape, largest C first; bench/gpu_profile.py writes gpu_profile.md /
+# .csv (forward/backward split with host times, launch-config variants, largest C per
+# backend). On exit those four files and logs.tar.gz land in $OUT, and the tables are
+# printed last. Each step is time-boxed from what is left of
+# TOTAL_S, so the script ends in time even if a step hangs; a failed step does not stop
+# the later ones.
+#
+# Knobs (environment):
+#   GPU_CHECK_TOTAL_S   whole-script target in seconds (default 450)
+#   GPU_CHECK_STEPS     which steps, in this order (default: all of them)
+#                       test_ext test_triton bench profile capacity
+#   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py
+#                       (default: C = 2^20 only, B = 512 and 1024, bf16 and fp16-x/fp32-W;
+#                       naive, cuBLAS, triton, extension)
+#   GPU_TRITON_TEST_ARGS  extra pytest arguments of the Triton test step (e.g. -k gpu)
+#   GPU_PROFILE_PARTS   parts of bench/gpu_profile.py in the profile step (default: split
+#                       variants)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
+# Everything is written to $LOG first; on exit the tables and CSVs are copied to $OUT and
+# the logs packed into $OUT/logs.tar.gz (the device tool returns at most 8 files).
+LOG=$(mktemp -d /tmp/gpu_check.XXXXXX)
+pack() { cp "$LOG"/*.md "$LOG"/*.csv "$OUT"/ 2>/dev/null; tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null; }
+trap pack EXIT
 T0=$(date +%s)
-TOTAL_S=${GPU_CHECK_TOTAL_S:-450}     # whole-script target, < 8 min with margin
+TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
+STEPS=" ${GPU_CHECK_STEPS:-test_ext test_triton bench profile capacity} "
 elapsed() { echo $(( $(date +%s) - T0 )); }
-# box MAX RESERVE: at most MAX seconds, and leave RESERVE seconds for the later steps
-box() { local left=$(( TOTAL_S - $(elapsed) - $2 )); [ "$left" -gt "$1" ] && left=$1; [ "$left" -lt 20 ] && left=20; echo "$left"; }
+# box MAX RESERVE [MIN]: at most MAX seconds, leaving RESERVE seconds for the later
+# steps, but at least MIN (default 20)
+box() {
+  local left=$(( TOTAL_S - $(elapsed) - $2 ))
+  [ "$left" -gt "$1" ] && left=$1
+  [ "$left" -lt "${3:-20}" ] && left=${3:-20}
+  echo "$left"
+}
+# pytest_step LABEL LOGFILE SECONDS ARGS...: one time-boxed pytest run, its last line in
+# the summary, its failures listed
+pytest_step() {
+  local label=$1 log=$2 secs=$3
+  shift 3
+  timeout "$secs" python -m pytest -q -p no:cacheprovider "$@" > "$LOG/$log" 2>&1
+  local rc=$?
+  status+=("$label: rc=$rc: $(tail -n 1 "$LOG/$log")")
+  grep -E "^(FAILED|ERROR)" "$LOG/$log" | head -n 20
+  return $rc
+}
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 status=()
+export PYTHONUNBUFFERED=1
 
 echo "== environment"
 { nvidia-smi || true; python - <<'PY'
@@ -26,48 +66,86 @@ import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-} > "$OUT/env.log" 2>&1
-tail -n 2 "$OUT/env.log"
+} > "$LOG/env.log" 2>&1
+tail -n 2 "$LOG/env.log"
 
 echo "== pip install (t=$(elapsed)s)"
-# Builds the C++/CUDA extension too (16 cores on the GPU machine).
-if MAX_JOBS=${MAX_JOBS:-16} timeout "$(box 200 240)" python -m pip install --no-build-isolation --no-deps -e . \
-     > "$OUT/pip_install.log" 2>&1; then
+# Builds the C++/CUDA extension too (16 cores on the GPU machine; setup.py's sm_80 +
+# sm_90: 32 s for sm_90a alone on an H200 machine).
+if MAX_JOBS=${MAX_JOBS:-16} timeout "$(box 200 100)" python -m pip install --no-build-isolation --no-deps -e . \
+     > "$LOG/pip_install.log" 2>&1; then
   status+=("install: ok")
 else
-  echo "   install failed or timed out (see $OUT/pip_install.log); retrying without the CUDA sources"
-  if FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-16} timeout "$(box 90 240)" python -m pip install --no-build-isolation --no-deps -e . \
-       >> "$OUT/pip_install.log" 2>&1; then
+  echo "   install failed or timed out (see pip_install.log); retrying without the CUDA sources"
+  tail -n 30 "$LOG/pip_install.log"
+  if FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-16} timeout "$(box 90 150)" python -m pip install --no-build-isolation --no-deps -e . \
+       >> "$LOG/pip_install.log" 2>&1; then
     status+=("install: CPU-only extension (the CUDA build failed or timed out)")
   else
     status+=("install: FAILED")
   fi
 fi
-python -c "import expface_kernels as ek; print(ek.available_backends())" > "$OUT/backends.log" 2>&1
-cat "$OUT/backends.log"
+python -c "import expface_kernels as ek, expface_kernels.extension as e; print(ek.available_backends(), 'ext cuda:', e.built_with_cuda())" \
+  > "$LOG/backends.log" 2>&1
+cat "$LOG/backends.log"
+echo "   install done at t=$(elapsed)s"
 
-echo "== GPU tests (t=$(elapsed)s)"
-# tests/test_triton.py runs entirely on CUDA here (bf16/fp16, 2^31-element W, GPU configs);
-# from the other files, the tests whose names mention cuda/gpu.
-timeout "$(box 180 200)" python -m pytest -q -p no:cacheprovider tests/test_triton.py \
-  > "$OUT/pytest_triton.log" 2>&1
-rc=$?; status+=("pytest tests/test_triton.py: rc=$rc: $(tail -n 1 "$OUT/pytest_triton.log")")
-timeout "$(box 60 160)" python -m pytest -q -p no:cacheprovider tests -k "cuda or gpu" \
-  --ignore=tests/test_triton.py > "$OUT/pytest_gpu_other.log" 2>&1
-rc=$?; status+=("pytest tests -k 'cuda or gpu': rc=$rc: $(tail -n 1 "$OUT/pytest_gpu_other.log")")
+if want test_ext; then
+  echo "== GPU tests of the extension and the loss (t=$(elapsed)s)"
+  # The error-path test of the CUDA ops alone first: it crashed the interpreter once
+  # (H200, torch 2.11, 2026-11-28); on a crash, a native backtrace through cuda-gdb.
+  PYTHONFAULTHANDLER=1 pytest_step "pytest test_cuda_rejects_float64_and_mixed_devices" pytest_cuda_rejects.log 60 \
+    tests/test_extension.py -k "cuda_rejects"
+  rc=$?
+  if [ "$rc" -ge 128 ] && command -v cuda-gdb > /dev/null; then
+    timeout 90 cuda-gdb -batch -ex run -ex bt -ex "info threads" --args python -m pytest -q -p no:cacheprovider \
+      tests/test_extension.py -k "cuda_rejects" > "$LOG/cuda_gdb_backtrace.log" 2>&1
+    echo "   crash backtrace:"; grep -E "^#" "$LOG/cuda_gdb_backtrace.log" | head -n 25
+  fi
+  # The CUDA tests of the other files (names mention cuda/gpu); test_triton.py separately.
+  pytest_step "pytest tests -k 'cuda or gpu' (not test_triton)" pytest_gpu_other.log "$(box 90 150)" \
+    tests -k "(cuda or gpu) and not cuda_rejects" --ignore=tests/test_triton.py
+fi
 
-echo "== benchmark (t=$(elapsed)s)"
-BUDGET=$(( TOTAL_S - $(elapsed) - 50 ))
-[ "$BUDGET" -lt 60 ] && BUDGET=60
-# --budget-s: no new shape starts after it; the timeout kills a shape that overruns
-# (the tables written after the previous shapes stay).
-timeout $(( BUDGET + 40 )) python bench/gpu_bench.py --budget-s "$BUDGET" --out "$OUT" \
-  > "$OUT/gpu_bench.log" 2>&1
-rc=$?; status+=("benchmark: rc=$rc (budget ${BUDGET}s)")
+if want bench; then
+  echo "== benchmark (t=$(elapsed)s)"
+  BUDGET=$(box 150 150 40)
+  # --budget-s: no new shape starts after it; the timeout kills a shape that overruns
+  # (the tables written after the previous shapes stay).
+  # shellcheck disable=SC2086
+  timeout $(( BUDGET + 60 )) python bench/gpu_bench.py --budget-s "$BUDGET" --out "$LOG" \
+    ${GPU_BENCH_ARGS:---c-exps 20 --B 512 1024 --backends naive cublas triton extension} \
+    > "$LOG/gpu_bench.log" 2>&1
+  rc=$?; status+=("benchmark: rc=$rc (budget ${BUDGET}s)")
+fi
+
+if want profile; then
+  echo "== profile: split, variants (t=$(elapsed)s)"
+  PB=$(box 150 110 30)
+  timeout $(( PB + 40 )) python bench/gpu_profile.py --parts ${GPU_PROFILE_PARTS:-split variants} --budget-s "$PB" --out "$LOG" \
+    > "$LOG/gpu_profile.log" 2>&1
+  rc=$?; status+=("profile: rc=$rc (budget ${PB}s)")
+fi
+
+if want test_triton; then
+  echo "== GPU tests of the Triton kernels (t=$(elapsed)s)"
+  # tests/test_triton.py runs entirely on CUDA here (bf16/fp16, 2^31-element W, GPU configs).
+  # shellcheck disable=SC2086
+  pytest_step "pytest tests/test_triton.py" pytest_triton.log "$(box 150 45)" tests/test_triton.py ${GPU_TRITON_TEST_ARGS:-}
+fi
+
+if want capacity; then
+  echo "== capacity: largest C per backend (t=$(elapsed)s)"
+  CB=$(box 100000 25)
+  timeout $(( CB + 20 )) python bench/gpu_profile.py --parts capacity --budget-s "$CB" --out "$LOG" \
+    > "$LOG/gpu_capacity.log" 2>&1
+  rc=$?; status+=("capacity: rc=$rc (budget ${CB}s)")
+fi
 
 echo "== summary (t=$(elapsed)s)"
 printf '   %s\n' "${status[@]}"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest_triton.log" | head -n 20
 echo
-# The table last.
-if [ -s "$OUT/gpu_bench.md" ]; then cat "$OUT/gpu_bench.md"; else tail -n 40 "$OUT/gpu_bench.log"; fi
+# The tables last.
+# (the profiler's kernel tables stay in the file: they would push the others out of view)
+[ -s "$LOG/gpu_profile.md" ] && awk '/^```/{f=!f; next} !f' "$LOG/gpu_profile.md"
+if [ -s "$LOG/gpu_bench.md" ]; then cat "$LOG/gpu_bench.md"; elif [ -s "$LOG/gpu_bench.log" ]; then tail -n 40 "$LOG/gpu_bench.log"; fi
