@@ -45,7 +45,7 @@ _ops = torch.ops.expface_kernels
 
 BLOCK_BYTES = 0
 """Bound of the kernels' logits buffer in bytes; 0 takes the C++ default
-(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU and on CUDA). Tests lower it to
+(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU, 24 MiB on CUDA). Tests lower it to
 force many blocks."""
 
 

@@ -25,6 +25,24 @@ def test_label_out_of_range(backend, label):
         call(y=y, backend=backend)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "extension", "auto"])
+@pytest.mark.parametrize("label", [10, -2, 2**40])
+def test_cuda_label_out_of_range_after_the_queued_loss(backend, label):
+    """On CUDA the labels are checked after the loss's kernels are queued (api.py): the
+    same ValueError, no device-side assert, and the CUDA context still works after it."""
+    if ek.available_backends("cuda")[backend if backend != "auto" else "chunked"] is not None:
+        pytest.skip(f"{backend} is not available here")
+    x0, w0, _ = ok()
+    x, w = x0.cuda(), w0.cuda()
+    y = torch.tensor([0, 3, label, -1], device="cuda")
+    with pytest.raises(ValueError, match=r"labels\[2\] = .* outside \[0, 10\)"):
+        ek.margin_softmax_loss(x, w, y, backend=backend)
+    torch.cuda.synchronize()
+    assert torch.isfinite(ek.margin_softmax_loss(x, w, torch.tensor([0, 3, 9, -1], device="cuda"),
+                                                 backend=backend))
+
+
 def test_label_equal_to_custom_ignore_index_is_fine():
     y = torch.tensor([0, 3, -100, 2])
     assert torch.isfinite(call(y=y, ignore_index=-100))
