@@ -254,6 +254,46 @@ def test_kernels_compile_for_hopper_and_ampere():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+_RING_SCRIPT = """
+import json
+from expface_kernels.triton_kernels import compile_check, configs, lse_forward
+from expface_kernels.triton_kernels.common import DOT_BF16
+sig = dict(x_ptr="*bf16", w_ptr="*bf16", tlogit_ptr="*fp32", labels_ptr="*i64", pmax_ptr="*fp32",
+           psum_ptr="*fp32", winv_ptr="*fp32", B="i32", C="i32", D="i32", offset="i32", s="fp32",
+           stride_xb="i32", stride_wc="i32", tiles_per_split="i32", num_row_tiles="i32")
+tile = configs.GemmTile(128, 128, 64, 8, 3)
+out = {}
+for in_loop in (True, False):
+    const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_KIND=DOT_BF16, INPUT_PRECISION="tf32",
+                 NORMS_IN_LOOP=in_loop)
+    sig_c = dict(sig, **{k: "constexpr" for k in const})
+    r = compile_check.compile_one(lse_forward._lse_partials_kernel, sig_c, const, 90, tile)
+    out[str(in_loop)] = {k: r[k] for k in ("ring", "wgmma_in_flight", "ring_hazard")}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
+def test_ring_hazard_detector_flags_the_in_loop_norms_on_hopper():
+    """compile_check.ring_hazard: the forward with W's norms squared in the K loop gets a
+    2-deep W ring under a wgmma left in flight (the race seen on an H200); with the norms
+    from the separate pass every ring a wgmma reads is 3 deep. Compiled for sm_90 with
+    the bundled ptxas, outside the interpreter (a subprocess)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
+        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert found["True"]["wgmma_in_flight"] and found["True"]["ring_hazard"], found
+    assert not found["False"]["ring_hazard"] and found["False"]["ring"] == 3, found
+
+
 @pytest.mark.parametrize("kind", ["hopper", "ampere", "consumer"])
 def test_gpu_config_candidates_are_all_correct(kind, monkeypatch):
     """Every launch config the GPU heuristics or the autotuner can pick (Hopper/Ampere/
@@ -441,14 +481,14 @@ def test_gpu_primitives_default_configs():
 
 
 @needs_cuda
-@pytest.mark.parametrize("norms_in_loop", [True, False])
-def test_gpu_forward_bitwise_deterministic_and_norms_exact(norms_in_loop):
-    """The same inputs twice give the same bits, and W's inverse norms match torch's.
+@pytest.mark.parametrize("block_n", [None, 128])
+def test_gpu_forward_bitwise_deterministic_and_norms_exact(block_n):
+    """The same inputs six times give the same bits, and W's inverse norms match torch's.
 
     On an H200 the loss error of identical kernels and inputs moved between runs (7.6e-6,
-    8.9e-6, 1.1e-5 at B=512, C=2^20, bf16) and one low-precision test failed once: a
-    race in the forward (the W tile feeds both the GEMM and the in-loop squares) would
-    do that. Acceptance-sized shape, both norm variants."""
+    8.9e-6, 1.1e-5 at B=512, C=2^20, bf16) and one low-precision test failed once: the
+    in-loop norms' shared-memory race (configs.forward_config, compile_check.ring_hazard).
+    The default config (norms from the separate pass) and its 128-wide alternative."""
     configs, lse_forward, _, _ = _tk()
     b, c, d = 512, 1 << 18, 512
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -457,7 +497,9 @@ def test_gpu_forward_bitwise_deterministic_and_norms_exact(norms_in_loop):
     labels = torch.randint(0, c, (b,), device="cuda", generator=g)
     tlogit = torch.randn(b, device="cuda", generator=g) * 10
     base = configs.forward_config(x_hat.device, b, c, d, torch.bfloat16, 2)
-    cfg = configs.ForwardConfig(base.tile, base.target_programs, norms_in_loop=norms_in_loop)
+    t = base.tile
+    tile = t if block_n is None else configs.GemmTile(t.BLOCK_M, block_n, t.BLOCK_K, t.num_warps, t.num_stages)
+    cfg = configs.ForwardConfig(tile, base.target_programs, norms_in_loop=base.norms_in_loop)
     first = lse_forward.lse_partials(x_hat, w, tlogit, labels, 64.0, 0, config=cfg)
     for _ in range(5):
         again = lse_forward.lse_partials(x_hat, w, tlogit, labels, 64.0, 0, config=cfg)

@@ -50,7 +50,9 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
              if sig[n].startswith("*") or n.startswith("stride") or n in _DIV16}
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
                        options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
-    out = {"shared": k.metadata.shared, "async_copies": k.asm["ttgir"].count("async_copy_global_to_local")}
+    ttgir = k.asm["ttgir"]
+    out = {"shared": k.metadata.shared, "async_copies": ttgir.count("async_copy_global_to_local")}
+    out.update(ring_hazard(ttgir, tile.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     try:
@@ -64,6 +66,41 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     out["registers"] = int(regs[0]) if regs else -1
     out["spill_bytes"] = int(spills[0]) if spills else -1
     return out
+
+
+def ring_hazard(ttgir: str, num_stages: int) -> dict:
+    """Shared-memory rings feeding a wgmma that are too shallow for the wgmma in flight.
+
+    Triton's software pipeliner keeps ``num_stages - 1`` tiles in flight ahead of the
+    one being computed and (with ``warp_group_dot_wait {pendings = 1}``) lets one
+    asynchronous wgmma run on while the next copies are issued, so a ring whose buffers
+    a wgmma reads needs ``num_stages`` of them. Seen with Triton 3.6-3.8 on sm_90: when
+    the loaded W tile also had a register use (the in-loop row norms), its ring got
+    ``num_stages - 1`` buffers, so the copy for step k+2 landed in the buffer the
+    in-flight wgmma of step k still read -- a race: results that moved from run to run
+    on an H200 (loss error 7.6e-6 to 1.1e-5) and, with 256-wide tiles, were wrong
+    (3.2e-4). Returns the shallowest ring a wgmma reads, whether a wgmma stays in
+    flight, and the flag. (Rings read only through registers are not at risk.)
+    """
+    depth = {}   # ring SSA name -> buffers
+    ring_of = {}  # memdesc_index result -> ring SSA name
+    dot_rings = set()
+    for line in ttgir.splitlines():
+        m = re.match(r"\s*(%[\w.#]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", line)
+        if m:
+            depth[m.group(1)] = int(m.group(2))
+            continue
+        m = re.match(r"\s*(%[\w.#]+) = ttg\.memdesc_index (%[\w.#]+)\[", line)
+        if m:
+            ring_of[m.group(1)] = m.group(2)
+            continue
+        m = re.match(r"\s*%[\w.#]+ = ttng\.warp_group_dot (%[\w.#]+), (%[\w.#]+),", line)
+        if m:
+            dot_rings.update(ring_of[v] for v in m.groups() if v in ring_of and ring_of[v] in depth)
+    in_flight = any(int(p) > 0 for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir))
+    shallow = min((depth[r] for r in dot_rings), default=0)
+    return {"ring": shallow, "wgmma_in_flight": in_flight,
+            "ring_hazard": in_flight and bool(dot_rings) and shallow < num_stages}
 
 
 def _merged_tile(a, b):
@@ -82,27 +119,31 @@ def check(cap: int, pair: str, B: int, C: int, D: int) -> list[dict]:
     xd, wd = _PAIRS[pair]
     dd = dot_dtype(xd, wd)
     lb = max(torch.empty((), dtype=xd).element_size(), torch.empty((), dtype=wd).element_size())
-    orig = configs.device_kind
+    orig = configs.device_kind, torch.backends.cuda.matmul.allow_tf32
     configs.device_kind = lambda device: (kind, sms, l2)  # pretend to be that GPU
+    # What a launch would use: for fp32, torch.backends.cuda.matmul.allow_tf32 decides
+    # (EXPFACE_CHECK_PRECISION=tf32 / ieee: as if it were set / unset).
+    forced = os.environ.get("EXPFACE_CHECK_PRECISION")
+    if forced:
+        torch.backends.cuda.matmul.allow_tf32 = forced == "tf32"
     try:
         dev = torch.device("cuda")
-        fcfg = configs.forward_config(dev, B, C, D, dd, lb).tile
+        fwd = configs.forward_config(dev, B, C, D, dd, lb)
+        fcfg = fwd.tile
         gcfg = configs.grads_config(dev, B, C, D, dd, lb)
+        prec = configs.dot_input_precision(dd, dev)
     finally:
-        configs.device_kind = orig
+        configs.device_kind, torch.backends.cuda.matmul.allow_tf32 = orig
     X, W, G = "*" + _TY[xd], "*" + _TY[wd], "*" + _TY[dd]
-    # What a launch would use: for fp32, torch.backends.cuda.matmul.allow_tf32 decides.
-    prec = os.environ.get("EXPFACE_CHECK_PRECISION") or configs.dot_input_precision(dd, torch.device("cuda"))
     i32, f32p = "i32", "*fp32"
     lse_sig = dict(
         x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
     jobs = [
-        ("lse_partials", lf._lse_partials_kernel, fcfg, lse_sig,
-         dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K, NORMS_IN_LOOP=True)),
-        ("lse_partials/norms pass", lf._lse_partials_kernel, fcfg, lse_sig,
-         dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K, NORMS_IN_LOOP=False)),
+        ("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel, fcfg,
+         lse_sig, dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K,
+                       NORMS_IN_LOOP=fwd.norms_in_loop)),
         ("grad_logits", gb._grad_logits_kernel, gcfg.g_tile, dict(
             x_ptr=X, w_ptr=W, winv_ptr=f32p, labels_ptr="*i64", lse_ptr=f32p, tgrad_ptr=f32p,
             grow_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32, offset=i32,
@@ -145,15 +186,18 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
         return 2
     bad = 0
-    print(f"{'kernel':13s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async")
+    print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async ring")
     for cap in args.arch:
         for pair in args.dtypes:
             for r in check(cap, pair, args.B, args.C, args.D):
-                ok = r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
+                ok = (r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
+                      and not r["ring_hazard"])
                 bad += not ok
-                print(f"{r['kernel']:13s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
+                why = "" if ok else ("  <-- ring shallower than the stages with a wgmma in flight"
+                                     if r["ring_hazard"] else "  <-- check")
+                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
-                      f"{r['async_copies']:5d} {'' if ok else '  <-- check'}", flush=True)
+                      f"{r['async_copies']:5d} {r['ring']:4d}{why}", flush=True)
     return 1 if bad else 0
 
 

@@ -153,22 +153,34 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
     # wgmma/mma sweet spot; smaller batches get a smaller M (>= 16, tl.dot's minimum) so
     # that padding rows do not waste most of the tensor-core work.
     bm = 128 if B >= 128 else max(16, _next_pow2(B))
+    norms_in_loop = True
     if kind in ("hopper", "blackwell"):
-        # 128x128 output tile (wgmma m64n128 x 2 warpgroups = 8 warps), K step 64 for
-        # 16-bit operands, 3 stages: 80 KB of shared memory. compile_check: 170 registers
-        # per thread, no spills, loads pipelined (cp.async) -- registers allow one 8-warp
-        # program per SM, so the grid is ~2 waves of long programs (each walks thousands
-        # of class tiles at C = 2^20: the second wave is as full as the first).
-        # Tried on an H200 (Triton 3.6, B=512, C=2^20, D=512, bf16, bench/gpu_profile.py
-        # variants): 128x256 tiles ran the forward in 1.80 ms against 2.04 ms but gave
-        # WRONG numbers -- loss error 3.2e-4 against 7.6e-6 for 128x128, grad_x errors of
-        # 5-18% in test_gpu_low_precision_within_twice_reference (bf16 and fp16; B=256,
-        # C=5000) -- not yet understood (not a ragged-tile issue: C=2^20 showed it too).
-        # So 256-wide class tiles are neither the default nor an autotune candidate.
-        # Others measured: 128x64/w4s4 2.17, 128x128x128/w8s2 2.28, 128x128/w4s4 1.88,
-        # norms in a separate pass 2.93 ms (the extra pass over W costs more than the
-        # in-loop squares).
-        tile = GemmTile(bm, 128, 64 if half else (16 if fma else 32), 8, 3)
+        # The W row norms. Squaring the W tile in the K loop gives it a register use, and
+        # then Triton 3.6-3.8 keeps one buffer too few in its shared-memory ring while an
+        # asynchronous wgmma reads it: a race (compile_check.ring_hazard has the
+        # details). Seen on an H200: the loss error of the same kernel and inputs moved
+        # between runs (7.6e-6, 8.9e-6, 1.1e-5 at B=512, C=2^20, D=512, bf16), one
+        # low-precision gradient test failed once, and with 256-wide tiles (longer
+        # wgmmas) the loss was wrong at 3.2e-4 and grad_x off by 5-18%. Wherever the
+        # wgmma runs asynchronously from shared memory (16-bit operands, tf32), the
+        # norms therefore come from a separate pass over W (_row_inv_norm_kernel) and
+        # the K loop is a plain GEMM (3-deep rings, no race in compile_check). The fp32
+        # W of a mixed pair is cast in registers first, its wgmma waits each step, and
+        # exact fp32 runs on FMA units: no race there, the norms stay in the loop.
+        async_wgmma = half or (dot_dtype == torch.float32 and not fma)  # 16-bit or tf32
+        norms_in_loop = not async_wgmma
+        # 16-bit operands: 128x256 class tiles (wgmma m64n256 x 2 warpgroups = 8 warps),
+        # K step 64, 3 stages: 144 KB of shared memory, 212 registers, no spills
+        # (compile_check). Measured on an H200 (Triton 3.6, B=512, C=2^20, D=512, bf16,
+        # bench/gpu_profile.py variants, the norm pass included): 1.67 ms, against 2.93
+        # ms for 128x128 with the norm pass and 2.04 / 1.80 ms for the racy in-loop
+        # 128x128 / 128x256. One 8-warp program per SM (registers), ~2 waves of long
+        # programs (thousands of class tiles each at C = 2^20). Other dtypes keep the
+        # 128x128 tile: K step 32 for any fp32 operand, 16 for exact-fp32 FMA.
+        if half:
+            tile = GemmTile(bm, 256, 64, 8, 3)
+        else:
+            tile = GemmTile(bm, 128, 16 if fma else 32, 8, 3)
         waves = 2
     elif kind == "ampere":
         # A100: mma.sync m16n8k16; 128x128 tile, K step 32, 4 stages = 48-96 KB of the
@@ -182,7 +194,7 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
         waves = 2
     # Enough programs for `waves` resident programs per SM; the class splits are long
     # (thousands of tiles at C = 2^20) so the tail of the last wave is short.
-    return ForwardConfig(tile, target_programs=waves * sms)
+    return ForwardConfig(tile, target_programs=waves * sms, norms_in_loop=norms_in_loop)
 
 
 def grads_config(device: torch.device, B: int, C: int, D: int,
@@ -205,7 +217,8 @@ def grads_config(device: torch.device, B: int, C: int, D: int,
     # The G kernel is the forward's GEMM transposed (classes x rows) with a cheaper
     # epilogue (no norms): the forward's tile with M and N swapped, at most 128 classes
     # (it writes a (classes, rows) G tile and keeps more per-element state than the
-    # forward: 225 registers at 128x128 on sm_90 in compile_check).
+    # forward: 225 registers at 128x128 on sm_90 in compile_check; the 2.24 ms it took
+    # per step on an H200 were measured with 128 classes).
     g = GemmTile(min(fwd.BLOCK_N, 128), fwd.BLOCK_M, fwd.BLOCK_K, fwd.num_warps, fwd.num_stages)
     if kind in ("hopper", "blackwell", "ampere"):
         # dW: (classes x features) output, K = B (~512-1024): a plain GEMM, 128x128 with K
@@ -263,20 +276,20 @@ def dot_input_precision(dot_dtype: torch.dtype, device: torch.device) -> str:
 
 def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: torch.dtype,
                        load_bytes: int = 0) -> list[ForwardConfig]:
-    """The default first, then a few variations of tile width, K step, warps and stages
-    (no 256-wide class tiles: see forward_config)."""
+    """The default first, then a few variations of tile width, K step, warps and stages,
+    all with the default's norm placement (see forward_config: the in-loop norms race
+    on Hopper's asynchronous wgmma)."""
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
-    for bn, bk, warps, stages in ((64, t.BLOCK_K, 4, 4),
+    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
                                   (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
                                   (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs)
         if cand not in out:
             out.append(cand)
     out.append(ForwardConfig(t, base.target_programs * 2))
-    out.append(ForwardConfig(t, base.target_programs, norms_in_loop=not base.norms_in_loop))
-    return out
+    return [ForwardConfig(c.tile, c.target_programs, norms_in_loop=base.norms_in_loop) for c in out]
 
 
 def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: torch.dtype,
