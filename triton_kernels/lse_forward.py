@@ -6,8 +6,7 @@ Kernel plan (one launch + a tiny finalize):
     program (row_tile, split):
         for each class tile t of its split (contiguous range of class tiles):
             acc[BM, BN]  = x_hat[rows, :] @ W[cols, :]^T      (K loop over D, fp32 acc)
-            sq[BN]      += sum_k W[cols, k]^2                  (from the SAME loaded W tile)
-            inv          = 1 / max(sqrt(sq), 1e-12)            (stored by row tile 0 only)
+            inv          = 1 / max(||W[cols]||, 1e-12)         (see NORMS_IN_LOOP below)
             z            = s * acc * inv;  z[i, y_i - offset] = target_logit_i   (in-tile)
             online max / sum-exp update of the row statistics
         write (m, l) partials of (split, rows)
@@ -16,6 +15,14 @@ Kernel plan (one launch + a tiny finalize):
 The row tiles of one split are consecutive program ids, so they run together and walk
 the same W tiles in the same order: each W tile comes from HBM once and its other
 reads hit L2; x_hat (B x D, a few MB at most) stays in L2 throughout.
+
+W's inverse row norms (kept for the backward) come either from the W tiles the K loop
+already loads (NORMS_IN_LOOP: squared and summed in registers, stored by row tile 0) or
+from a separate pass over W before the launch (_row_inv_norm_kernel). The in-loop form
+saves that pass but, on Hopper, the register use makes Triton give W's shared-memory
+ring one buffer too few under the asynchronous wgmma -- a race; configs.forward_config
+picks the separate pass there (its comment and compile_check.ring_hazard have the
+numbers).
 
 All offsets are int64 (C_local * D and B * C_local may pass 2^31).
 """
