@@ -274,6 +274,31 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
+def test_no_autotune_candidate_races_on_hopper():
+    """Every Hopper launch config the autotuner may pick (bf16, fp16, tf32 fp32): no
+    shared-memory ring a wgmma reads is shallower than the stages (compile_check)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, os\n"
+            "from expface_kernels.triton_kernels.compile_check import check\n"
+            "rows = check(90, 'bf16', 1024, 1 << 20, 512, True) + check(90, 'fp16', 512, 1 << 20, 512, True)\n"
+            "os.environ['EXPFACE_CHECK_PRECISION'] = 'tf32'\n"
+            "rows += check(90, 'fp32', 512, 1 << 20, 512, True)\n"
+            "print('RESULT' + json.dumps([[r['kernel'], r['tile'], r['warps'], r['stages'], r['ring'],\n"
+            "                              r['ring_hazard']] for r in rows]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
+        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(rows) >= 10
+    assert not [r for r in rows if r[-1]], rows
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
 def test_ring_hazard_detector_flags_the_in_loop_norms_on_hopper():
     """compile_check.ring_hazard: the forward with W's norms squared in the K loop gets a
     2-deep W ring under a wgmma left in flight (the race seen on an H200); with the norms

@@ -110,8 +110,9 @@ def _merged_tile(a, b):
                     min(a.num_stages, b.num_stages))
 
 
-def check(cap: int, pair: str, B: int, C: int, D: int) -> list[dict]:
-    """Compile the four kernels for (sm_cap, dtype pair, shape) with configs.py's choices."""
+def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False) -> list[dict]:
+    """Compile the kernels for (sm_cap, dtype pair, shape) with configs.py's choices (and,
+    with ``candidates``, every autotune candidate; each distinct kernel once)."""
     from . import configs, grads_backward as gb, lse_forward as lf
     from .common import dot_dtype, dot_kind
 
@@ -128,9 +129,11 @@ def check(cap: int, pair: str, B: int, C: int, D: int) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = forced == "tf32"
     try:
         dev = torch.device("cuda")
-        fwd = configs.forward_config(dev, B, C, D, dd, lb)
-        fcfg = fwd.tile
-        gcfg = configs.grads_config(dev, B, C, D, dd, lb)
+        fwds = [configs.forward_config(dev, B, C, D, dd, lb)]
+        grds = [configs.grads_config(dev, B, C, D, dd, lb)]
+        if candidates:
+            fwds = configs.forward_candidates(dev, B, C, D, dd, lb)
+            grds = configs.grads_candidates(dev, B, C, D, dd, lb)
         prec = configs.dot_input_precision(dd, dev)
     finally:
         configs.device_kind, torch.backends.cuda.matmul.allow_tf32 = orig
@@ -140,34 +143,41 @@ def check(cap: int, pair: str, B: int, C: int, D: int) -> list[dict]:
         x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
-    jobs = [
-        ("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel, fcfg,
-         lse_sig, dict(BLOCK_M=fcfg.BLOCK_M, BLOCK_N=fcfg.BLOCK_N, BLOCK_K=fcfg.BLOCK_K,
-                       NORMS_IN_LOOP=fwd.norms_in_loop)),
-        ("grad_logits", gb._grad_logits_kernel, gcfg.g_tile, dict(
-            x_ptr=X, w_ptr=W, winv_ptr=f32p, labels_ptr="*i64", lse_ptr=f32p, tgrad_ptr=f32p,
-            grow_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32, offset=i32,
-            s="fp32", stride_xb=i32, stride_wc=i32, stride_gc=i32, stride_rp=i32, num_row_tiles=i32),
-         dict(BLOCK_C=gcfg.g_tile.BLOCK_M, BLOCK_B=gcfg.g_tile.BLOCK_N, BLOCK_K=gcfg.g_tile.BLOCK_K,
-              PERSISTENT=gcfg.g_programs > 0)),
-        ("grad_wx", gb._grad_wx_kernel, _merged_tile(gcfg.dw_tile, gcfg.dx_tile), dict(
-            g_ptr=G, x_ptr=X, w_ptr=W, winv_ptr=f32p, rpart_ptr=f32p, gw_ptr=W, part_ptr=f32p,
-            B=i32, D=i32, c0=i32, cn=i32, stride_gc=i32, stride_xb=i32, stride_wc=i32,
-            stride_gwc=i32, stride_rp=i32, stride_ps=i32, stride_pb=i32, num_rpart=i32,
-            dw_feat_tiles=i32, k_per_split=i32, dx_feat_tiles=i32, dx_row_tiles=i32,
-            num_dx_programs=i32),
-         dict(DW_C=gcfg.dw_tile.BLOCK_M, DW_D=gcfg.dw_tile.BLOCK_N, DW_K=gcfg.dw_tile.BLOCK_K,
-              DX_D=gcfg.dx_tile.BLOCK_M, DX_B=gcfg.dx_tile.BLOCK_N, DX_K=gcfg.dx_tile.BLOCK_K)),
-    ]
-    rows = []
-    for name, fn, tile, sig, blocks in jobs:
+    grad_logits_sig = dict(
+        x_ptr=X, w_ptr=W, winv_ptr=f32p, labels_ptr="*i64", lse_ptr=f32p, tgrad_ptr=f32p,
+        grow_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32, offset=i32,
+        s="fp32", stride_xb=i32, stride_wc=i32, stride_gc=i32, stride_rp=i32, num_row_tiles=i32)
+    grad_wx_sig = dict(
+        g_ptr=G, x_ptr=X, w_ptr=W, winv_ptr=f32p, rpart_ptr=f32p, gw_ptr=W, part_ptr=f32p,
+        B=i32, D=i32, c0=i32, cn=i32, stride_gc=i32, stride_xb=i32, stride_wc=i32,
+        stride_gwc=i32, stride_rp=i32, stride_ps=i32, stride_pb=i32, num_rpart=i32,
+        dw_feat_tiles=i32, k_per_split=i32, dx_feat_tiles=i32, dx_row_tiles=i32,
+        num_dx_programs=i32)
+    jobs = []
+    for fwd in fwds:
+        t = fwd.tile
+        jobs.append(("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel,
+                     t, lse_sig, dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
+                                      NORMS_IN_LOOP=fwd.norms_in_loop), ""))
+    for gcfg in grds:
+        g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
+        jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
+                     dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
+                          PERSISTENT=gcfg.g_programs > 0), ""))
+        jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
+                     dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
+                          DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K),
+                     f"+{dx.BLOCK_M}x{dx.BLOCK_N}x{dx.BLOCK_K}"))
+    rows, seen = [], set()
+    for name, fn, tile, sig, blocks, extra in jobs:
+        key = (name, tile, tuple(sorted(blocks.items())))
+        if key in seen:  # candidates that differ only in host-side knobs (chunk, programs)
+            continue
+        seen.add(key)
         sig = dict(sig, **{k: "constexpr" for k in blocks}, DOT_KIND="constexpr", INPUT_PRECISION="constexpr")
         const = dict(blocks, DOT_KIND=dot_kind(dd), INPUT_PRECISION=prec)
         r = compile_one(fn, sig, const, cap, tile)
-        shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}"
-        if name == "grad_wx":
-            t = gcfg.dx_tile
-            shown += f"+{t.BLOCK_M}x{t.BLOCK_N}x{t.BLOCK_K}"
+        shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}" + extra
         r.update(kernel=name, arch=f"sm_{cap}", dtypes=pair, tile=shown,
                  warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit)
         rows.append(r)
@@ -181,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, default=1024)
     p.add_argument("--C", type=int, default=1 << 20)
     p.add_argument("--D", type=int, default=512)
+    p.add_argument("--candidates", action="store_true",
+                   help="also every autotune candidate (configs.forward_candidates / grads_candidates)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
@@ -189,7 +201,7 @@ def main(argv=None) -> int:
     print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async ring")
     for cap in args.arch:
         for pair in args.dtypes:
-            for r in check(cap, pair, args.B, args.C, args.D):
+            for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
                 ok = (r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
                       and not r["ring_hazard"])
                 bad += not ok
