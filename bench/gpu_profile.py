@@ -252,13 +252,28 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
             xh = torch.nn.functional.normalize(x.float(), dim=1).to(dt)
             wd = w.detach()
             tl_ = torch.randn(B, device=dev, generator=g) * 10
-        m, se, inv = lse_forward.lse_partials(xh, wd, tl_, y, args.s, 0)
+        # The reference of every variant: the pure-PyTorch chunked primitives (fp32 math)
+        # on the same inputs -- a fast config that computes the wrong numbers must show.
+        from expface_kernels import chunked
+        m, se, inv = chunked.lse_partials(xh, wd, tl_, y, args.s, 0)
         lse = m + torch.log(se)
         grow = torch.full((B,), 1.0 / B, device=dev)
         tg = grow * torch.expm1(tl_ - lse)
-        emit("\n### variants: Triton primitives per launch config (ms; host = Python call alone)\n")
-        emit("| primitive | config | GPU ms | host ms | extra MiB |")
-        emit("|---|---|---|---|---|")
+        ref_gx, ref_gw = chunked.grads(xh, wd, inv, y, lse, tg, grow, args.s, 0)
+
+        def rel_err(got, want) -> float:
+            return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+
+        def error_of(prim, out) -> float:
+            """max relative error of lse (forward) or of grad_x / grad_W (backward)."""
+            if prim == "lse_partials":
+                return max(rel_err(out[0] + torch.log(out[1]), lse), rel_err(out[2], inv))
+            return max(rel_err(out[0], ref_gx), rel_err(out[1], ref_gw))
+
+        emit("\n### variants: Triton primitives per launch config (ms; host = Python call alone; "
+             "err = max relative error against the chunked backend's primitives)\n")
+        emit("| primitive | config | GPU ms | host ms | extra MiB | err |")
+        emit("|---|---|---|---|---|---|")
         fwd_c = configs.forward_candidates(dev, B, C, D, dt, xh.element_size())
         base_g = configs.grads_config(dev, B, C, D, dt, xh.element_size())
         grd_c = configs.grads_candidates(dev, B, C, D, dt, xh.element_size())
@@ -282,16 +297,17 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
                 keep = wd.numel() * wd.element_size() + B * D * 4
             desc = describe(cfg)
             try:
-                fn()  # compile
+                err = error_of(prim, fn())  # (also compiles)
                 gm, hm = gpu_ms(fn), host_ms(fn)
                 ex = peak_extra(fn, keep)
                 emit(f"| {prim} | #{i} {'(default) ' if i == 0 else ''}{desc} | {gm:.3f} | {hm:.3f} "
-                     f"| {ex / 2**20:.1f} |")
+                     f"| {ex / 2**20:.1f} | {err:.1e} |")
                 record("variants", f"{prim}#{i} {desc}", "gpu_ms", gm)
                 record("variants", f"{prim}#{i} {desc}", "host_ms", hm)
+                record("variants", f"{prim}#{i} {desc}", "max_rel_err", err)
             except Exception as exc:
-                emit(f"| {prim} | #{i} {desc} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | |")
-        del xh, wd, inv, lse, tg
+                emit(f"| {prim} | #{i} {desc} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | | |")
+        del xh, wd, inv, lse, tg, ref_gx, ref_gw
         # extension: logits-block budgets
         try:
             from expface_kernels import extension as ext

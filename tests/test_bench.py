@@ -109,3 +109,32 @@ def test_noisy_labels_quick(tmp_path):
     assert "| expface |" in p.stdout and "| arcface |" in p.stdout
     assert "TAR@FAR=1e-3" in p.stdout
     _png_ok(tmp_path / "noisy_label_angles.png")
+
+
+def test_gpu_scripts_smoke_on_cpu(tmp_path):
+    """bench/gpu_bench.py and bench/gpu_profile.py run their logic on CPU (``--device cpu``:
+    tiny shapes, the Triton interpreter) and write their tables; every Triton variant's
+    error against the chunked primitives is printed and small."""
+    env_extra = {"TRITON_INTERPRET": "1"}
+    out = tmp_path / "prof"
+    p = subprocess.run([sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--B", "8", "--D", "16",
+                        "--c-exp", "7", "--parts", "split", "variants", "--out", str(out)],
+                       cwd=ROOT, env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = (out / "gpu_profile.md").read_text()
+    assert "### split" in md and "### variants" in md
+    rows = [r for r in md.splitlines() if r.startswith("| lse_partials") or r.startswith("| grads")]
+    assert len(rows) >= 8, md
+    errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows]
+    assert max(errs) < 1e-4, rows
+    with open(out / "gpu_profile.csv") as f:
+        assert {"part", "what", "metric", "value"} <= set(next(csv.reader(f)))
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "bench/gpu_bench.py", "--device", "cpu", "--B", "8", "--D", "16",
+                        "--c-exps", "7", "--dtypes", "fp32", "--backends", "naive", "cublas", "chunked",
+                        "triton", "extension", "--out", str(out)],
+                       cwd=ROOT, env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = (out / "gpu_bench.md").read_text()
+    for name in ("naive", "chunked", "triton", "extension", "cublas"):
+        assert f"| {name}" in md, md
