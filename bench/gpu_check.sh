@@ -18,9 +18,11 @@
 #   GPU_CHECK_TOTAL_S   whole-script target in seconds (default 450)
 #   GPU_CHECK_STEPS     which steps, in this order (default: all of them)
 #                       test_ext test_triton bench profile capacity
-#   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py
-#                       (default: C = 2^20 only, B = 512 and 1024, bf16 and fp16-x/fp32-W;
-#                       naive, cuBLAS, triton, extension)
+#   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py (default: none -- its
+#                       defaults, issue 3's sweep: C = 2^20, 2^18, 2^16 largest first,
+#                       B = 512 and 1024, bf16 and fp16-x/fp32-W, every backend and peer;
+#                       its --budget-s cuts the sweep short). The quick H200 runs of
+#                       2026-11-28 used "--c-exps 20 --backends naive cublas triton extension".
 #   GPU_TRITON_TEST_ARGS  extra pytest arguments of the Triton test step (e.g. -k gpu)
 #   GPU_PROFILE_PARTS   parts of bench/gpu_profile.py in the profile step (default: split
 #                       variants)
@@ -114,7 +116,7 @@ if want bench; then
   # (the tables written after the previous shapes stay).
   # shellcheck disable=SC2086
   timeout $(( BUDGET + 60 )) python bench/gpu_bench.py --budget-s "$BUDGET" --out "$LOG" \
-    ${GPU_BENCH_ARGS:---c-exps 20 --B 512 1024 --backends naive cublas triton extension} \
+    ${GPU_BENCH_ARGS:-} \
     > "$LOG/gpu_bench.log" 2>&1
   rc=$?; status+=("benchmark: rc=$rc (budget ${BUDGET}s)")
 fi
