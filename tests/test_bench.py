@@ -111,7 +111,7 @@ def test_noisy_labels_quick(tmp_path):
     _png_ok(tmp_path / "noisy_label_angles.png")
 
 
-def test_gpu_scripts_smoke_on_cpu(tmp_path):
+def test_device_benchmark_scripts_smoke_on_cpu(tmp_path):
     """bench/gpu_bench.py and bench/gpu_profile.py run their logic on CPU (``--device cpu``:
     tiny shapes, the Triton interpreter) and write their tables; every Triton variant's
     error against the chunked primitives is printed and small."""
