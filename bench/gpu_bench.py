@@ -97,6 +97,9 @@ def _import_torch_stack():
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch, triton, ek = _import_torch_stack()
+    sys.path.insert(0, REPO)  # bench.*, also when run as bench/gpu_bench.py
+    from bench.memory import cuda_peak_extra_of
+    from bench.timing import device_ms
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
         print("gpu_bench.py: no CUDA device -- nothing to measure (GPU-only benchmark; "
@@ -116,18 +119,8 @@ def main(argv=None) -> int:
 
     def bench_ms(fn, grad_to_none=None):
         """(median, p20, p80) in ms: do_bench on a GPU, a few perf_counter runs on CPU."""
-        if on_gpu:
-            return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms,
-                                           grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        ts = []
-        for _ in range(3):
-            for t in grad_to_none or []:
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        ts.sort()
-        return [ts[1], ts[0], ts[2]]
+        return device_ms(fn, on_gpu, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                         grad_to_none=grad_to_none)
     versions = dict(torch=torch.__version__, triton=triton.__version__)
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     avail = ek.available_backends(args.device)
@@ -279,11 +272,7 @@ def main(argv=None) -> int:
                 gc.collect()
                 sync()
                 if on_gpu:
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    step()
-                    torch.cuda.synchronize()
-                    extra = torch.cuda.max_memory_allocated() - before - grads_bytes
+                    extra = cuda_peak_extra_of(step, grads_bytes)
                 else:
                     extra = float("nan")  # no CPU allocator statistics: not measured
                 x.grad = w.grad = None

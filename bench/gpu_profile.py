@@ -75,6 +75,9 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
     import triton.testing
 
     import expface_kernels as ek
+    sys.path.insert(0, os.path.dirname(HERE))  # bench.*, also when run as bench/gpu_profile.py
+    from bench.memory import cuda_peak_extra_of
+    from bench.timing import device_ms
     from expface_kernels.triton_kernels import configs, grads_backward, lse_forward
 
     on_gpu = args.device == "cuda"
@@ -114,14 +117,7 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
 
     def gpu_ms(fn) -> float:
         """Median device time of fn() in ms (do_bench on a GPU; 3 wall-clock runs on CPU)."""
-        if on_gpu:
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        ts = []
-        for _ in range(3):
-            s = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - s) * 1e3)
-        return sorted(ts)[1]
+        return device_ms(fn, on_gpu)[0]
 
     def host_ms(fn, n=5) -> float:
         """Median wall time of the Python call alone (no sync inside the timed region)."""
@@ -136,15 +132,7 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
 
     def peak_extra(fn, keep_bytes=0) -> float:
         """Peak bytes above the start of fn(), minus keep_bytes (outputs it keeps)."""
-        if not on_gpu:
-            return float("nan")
-        gc.collect()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before - keep_bytes
+        return cuda_peak_extra_of(fn, keep_bytes) if on_gpu else float("nan")
 
     g = torch.Generator(device=dev).manual_seed(0)
 

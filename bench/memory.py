@@ -91,21 +91,27 @@ def input_bytes(prepared) -> int:
 
 # --- CUDA: in-process ----------------------------------------------------------------
 
+def cuda_peak_extra_of(fn, keep_bytes: int = 0) -> int:
+    """Peak bytes allocated on CUDA during ``fn()`` above those in use before it, minus
+    ``keep_bytes`` (what the call leaves behind on purpose: the gradients)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base - keep_bytes)
+
+
 def cuda_peak_extra(prepared, op: str) -> int:
     """Peak extra bytes of one call (after one warm-up call) on CUDA."""
     run_op(prepared, op)
     for t in prepared.leaves:
         t.grad = None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run_op(prepared, op)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - (grad_bytes(prepared) if op != "fwd" else 0)
+    extra = cuda_peak_extra_of(lambda: run_op(prepared, op), grad_bytes(prepared) if op != "fwd" else 0)
     for t in prepared.leaves:
         t.grad = None
-    return int(extra)
+    return extra
 
 
 # --- CPU: the resident-set worker ------------------------------------------------------

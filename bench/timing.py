@@ -87,9 +87,31 @@ def paired_ratio(a, b) -> float:
     return float(np.median(np.asarray(a, dtype=float) / np.asarray(b, dtype=float)))
 
 
+def device_ms(fn: Callable[[], None], cuda: bool, *, warmup_ms: int = 25, rep_ms: int = 100,
+              grad_to_none=None) -> list[float]:
+    """[median, p20, p80] of ``fn()`` in ms.
+
+    CUDA: ``triton.testing.do_bench`` (device events, L2 flushed between runs; the
+    tensors in ``grad_to_none`` get ``.grad = None`` before each run). Elsewhere -- the
+    GPU scripts' CPU smoke runs, whose numbers mean nothing -- three perf_counter runs.
+    """
+    if cuda:
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                            quantiles=[0.5, 0.2, 0.8]))
+    ts = []
+    for _ in range(3):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return [ts[1], ts[0], ts[2]]
+
+
 def do_bench(fn: Callable[[], None], rep_ms: int = 200) -> dict:
     """``triton.testing.do_bench`` on CUDA: median/p20/p80 in seconds."""
-    import triton.testing
-
-    q = triton.testing.do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    q = device_ms(fn, True, rep_ms=rep_ms)
     return {"median": q[0] / 1e3, "p20": q[1] / 1e3, "p80": q[2] / 1e3}
