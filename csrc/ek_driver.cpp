@@ -154,6 +154,15 @@ Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a, b).to(acc);
 }
 
+// Columns per class chunk: as many as the block budget holds for B rows, rounded down to
+// a multiple of 64 when that is possible, so that every chunk but the last starts its
+// winv slice and its logits rows on a 16-byte boundary (the CUDA epilogues' vector path).
+int64_t chunk_columns(int64_t budget_bytes, int64_t B, int64_t esize, int64_t n) {
+  int64_t nc = std::max<int64_t>(1, budget_bytes / (B * esize));
+  if (nc >= 128) nc -= nc % 64;
+  return std::min(n, nc);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, const Tensor& x_hat, const Tensor& w,
@@ -176,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   Tensor xc = x_hat.to(c.cd).contiguous();
 
   const int64_t esize = c10::elementSize(c.cd);
-  const int64_t nc = std::min<int64_t>(c.n, std::max<int64_t>(1, resolve_block_bytes(block_bytes, x_hat.device()) / (c.B * esize)));
+  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device()), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
@@ -211,7 +220,7 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
   Tensor wr = w.contiguous();
 
   const int64_t esize = c10::elementSize(c.cd);
-  const int64_t nc = std::min<int64_t>(c.n, std::max<int64_t>(1, resolve_block_bytes(block_bytes, x_hat.device()) / (c.B * esize)));
+  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device()), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);

@@ -478,6 +478,49 @@ def test_cuda_primitives_match_contract(dtype, w_dtype, b, c, d, blocks, monkeyp
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                           (torch.float16, torch.float32)])
+@pytest.mark.parametrize("b,c,d", [(301, 4099, 64), (1103, 2056, 36)])
+@pytest.mark.parametrize("chunk", ["one", "1024"])
+def test_cuda_tile_epilogues_match_contract(dtype, w_dtype, b, c, d, chunk, monkeypatch):
+    """The chunk epilogues' tiles of R rows (R = 2 at B = 301, R = 4 at B = 1103 on a GPU
+    with 76 to 150 SMs; a partial last tile in both), their 16-byte vector path (chunks of
+    1024 classes) and scalar path (the last chunk of 4099 = 4 x 1024 + 3), and the
+    vectorised / dtype-tagged projection (D = 64 / 36). Columns c-1, 1024 and 1023 (the
+    tail, both sides of a chunk edge) hold the largest logit of rows 0, 2 and 3, so a
+    column lost at an edge moves those rows' lse by whole units, far above the bfloat16
+    tolerance; targets sit there too (rows 4-6). bfloat16's lse is also held against a
+    float64 truth built from the bfloat16-rounded GEMM output the kernels see."""
+    esize = 4 if dtype == torch.float32 else 2
+    if chunk == "1024":
+        monkeypatch.setattr(ext, "BLOCK_BYTES", b * esize * 1030)  # 1030 -> 1024 columns
+    tol = _tol(dtype, w_dtype)
+    x, w, tl, tf, y, gr, s = prim_inputs(b, c, d, dtype=dtype, w_dtype=w_dtype, seed=b, device="cuda")
+    for row, col in ((0, c - 1), (2, 1024), (3, 1023)):
+        w[col] = (1.5 * x[row].float()).to(w.dtype)  # cosine 1: the row's largest logit
+        y[row] = 5
+    y[4:7] = torch.tensor([c - 1, 1024, 1023], device="cuda")  # targets in the tail and at the edge
+    m, S, winv = ext.lse_partials(x, w, tl, y, s, 0)
+    rm, rS, rwinv = ref_lse_partials(x.cpu(), w.cpu(), tl.cpu(), y.cpu(), s, 0)
+    lse = m + torch.log(S)
+    _close(lse, rm + torch.log(rS), tol, "lse")
+    _close(winv, rwinv, tol, "w_inv_norm")
+    if dtype == torch.bfloat16:
+        L = (x.float() @ w.float().t()).bfloat16().double().cpu()  # what cuBLAS hands the epilogue
+        z = s * L * winv.double().cpu()
+        t = y.cpu()
+        rows = torch.nonzero(t >= 0).squeeze(1)
+        z[rows, t[rows]] = tl.double().cpu()[rows]
+        _close(lse, torch.logsumexp(z, 1), 1e-4, "lse vs the rounded GEMM output")
+    tg = torch.where(y >= 0, gr * tf * torch.expm1(tl - lse), torch.zeros_like(lse))
+    gx, gw = ext.grads(x, w, winv, y, lse, tg, gr, s, 0)
+    rgx, rgw = ref_grads(x.cpu(), w.cpu(), winv.cpu(), y.cpu(), lse.cpu(), tg.cpu(), gr.cpu(), s, 0)
+    _close(gx, rgx, tol, "grad_x_hat")
+    _close(gw, rgw, tol, "grad_w")
+    assert torch.isfinite(gw).all() and (gw.float().abs().sum(1) > 0).all(), "a grad_w row was not written"
+
+
+@needs_cuda
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cuda_api_matches_cpu_extension(reduction):
     x, w, y = make_inputs(64, 3000, 96, dtype=torch.float32, seed=4, ignore=(3,))

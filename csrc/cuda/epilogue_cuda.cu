@@ -1,9 +1,11 @@
-// CUDA epilogues of the expface_kernels extension and the CUDA registrations of its ops.
+// CUDA epilogues of the expface_kernels extension.
 // The math is ek_math.h (shared with the CPU epilogues); the GEMMs are cuBLAS via
-// at::mm in the device-agnostic driver (ek_driver.cpp).  Layout: one thread block
-// per logits row (rows x n row-major), 256 threads striding over the row, block
-// reductions for the row max / sum; int64 offsets throughout.  fp32 accumulation;
-// logits dtypes float/half/bfloat16 (float64 is CPU-only, rejected by the driver).
+// at::mm in the device-agnostic driver (ek_driver.cpp).  Layouts: the class-chunk
+// epilogues of the training path (lse_block, grads_block) take tiles of R rows x the
+// chunk with 16-byte loads; the fused row-block epilogue (CPU's training path, kept
+// correct on CUDA) one 1024-thread block per row; the per-row-of-W kernels (norms,
+// projection) a warp per row.  int64 offsets throughout, fp32 accumulation; logits
+// dtypes float/half/bfloat16 (float64 is CPU-only, rejected by the driver).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cusparse.h / cublas_v2.h,
 // which minimal toolkits (CI's) do not ship; the GEMMs go through at::mm anyway.
 // Kept light for nvcc (CI compiles it for two architectures on 2 cores): ATen core
@@ -14,7 +16,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../ek_math.h"
 #include "../ek_driver.h"
@@ -29,10 +33,9 @@ namespace ek {
 namespace {
 
 using at::Tensor;
-// Row kernels (lse / grads / fused): one block of kThreads per logits row.  1024 so
-// that few rows (a fused row block can be 64 rows of 2^20 classes) still keep many
-// loads in flight per SM.  Per-row-of-W kernels (norms, projection): a warp per row,
-// kWRows warps per block.
+// The fused row kernel: one block of kThreads per logits row.  1024 so that few rows (a
+// fused row block can be 64 rows of 2^20 classes) still keep many loads in flight per
+// SM.  Per-row-of-W kernels (norms, projection): a warp per row, kWRows warps per block.
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kWRows = 8;
@@ -96,48 +99,175 @@ __global__ void row_inv_norm_kernel(const scalar_t* __restrict__ W, float* __res
   if (lane == 0) out[row] = inv_norm_from_sumsq(ss);
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) lse_block_kernel(const scalar_t* __restrict__ L, const float* __restrict__ winv,
-                                 const float* __restrict__ tl, const int64_t* __restrict__ labels, float s,
-                                 int64_t col0, int64_t n, float* __restrict__ M, float* __restrict__ S) {
-  __shared__ float smem[kWarps];
-  const int64_t i = blockIdx.x;
-  const scalar_t* Li = L + i * n;
-  const int64_t t = target_col(labels[i], col0, n);
-  const float mx = row_max_z(Li, winv, s, n, t, tl[i], smem);
-  float sum = 0.f;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads)
-    if (j != t) sum += ek_exp(logit<float>(static_cast<float>(Li[j]), winv[j], s) - mx);
-  sum = block_sum(sum, smem);
-  if (threadIdx.x == 0) {
-    if (t >= 0) sum += ek_exp(tl[i] - mx);
-    float m = M[i], sm = S[i];
-    merge_partial(m, sm, mx, sum);
-    M[i] = m;
-    S[i] = sm;
+// ---- Class-chunk epilogues (the training path on CUDA): tiles of R rows x the chunk.
+// One block of kTileThreads owns R consecutive rows and walks the chunk's columns in
+// 16-byte vectors (V = 8 half/bfloat16 or 4 float logits per load); each thread loads
+// the V inverse norms of its columns once and uses them for all R rows.  With one row
+// per 1024-thread block and 2-byte loads (the kernels before this layout), lse_block
+// read the logits twice (max, then sum) and winv once per row -- for bfloat16 logits
+// winv's reads were twice the logits' bytes -- and took 1.20 ms of a 9.1 ms step (H200,
+// B=512, C=2^20, D=512, bf16, 43 chunks of 24576 classes); grads_block 0.76 ms.
+// Single pass here: each thread keeps an online (max, sumexp) per row, merged across
+// the block at the end (merge_partial).
+constexpr int kTileThreads = 256;
+constexpr int kTileWarps = kTileThreads / 32;
+
+// V consecutive elements at p as floats: 16-byte loads when V * sizeof(T) is a multiple
+// of 16 (the caller guarantees the alignment), else scalar loads.
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  constexpr int kBytes = V * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    alignas(16) T tmp[V];
+#pragma unroll
+    for (int q = 0; q < kBytes / 16; ++q) reinterpret_cast<uint4*>(tmp)[q] = reinterpret_cast<const uint4*>(p)[q];
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = static_cast<float>(tmp[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = static_cast<float>(p[k]);
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) grads_block_kernel(scalar_t* __restrict__ L, const float* __restrict__ winv,
-                                   const int64_t* __restrict__ labels, const float* __restrict__ lse,
-                                   const float* __restrict__ tg, const float* __restrict__ gr, float s, int64_t col0,
-                                   int64_t n) {
-  const int64_t i = blockIdx.x;
-  scalar_t* Li = L + i * n;
-  const float g = gr[i];
-  const int64_t t = target_col(labels[i], col0, n);
-  const float grs = g * s, l = lse[i];
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    float v;
-    if (g == 0.f) {
-      v = 0.f;  // ignored row: exact zeros
-    } else if (j == t) {
-      v = tg[i] * winv[j];
-    } else {
-      v = grad_scaled<float>(static_cast<float>(Li[j]), winv[j], s, l, grs);
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[V]) {
+  constexpr int kBytes = V * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    alignas(16) T tmp[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) tmp[k] = static_cast<T>(v[k]);
+#pragma unroll
+    for (int q = 0; q < kBytes / 16; ++q) reinterpret_cast<uint4*>(p)[q] = reinterpret_cast<const uint4*>(tmp)[q];
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = static_cast<T>(v[k]);
+  }
+}
+
+// merge_partial across the 32 lanes of a warp (every lane ends with the merge of all).
+__device__ __forceinline__ void warp_merge(float& m, float& S) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float S2 = __shfl_xor_sync(0xffffffffu, S, o);
+    merge_partial(m, S, m2, S2);
+  }
+}
+
+// Rows [R*blockIdx.x, +R) of L (rows x n): online (max, sumexp) of z over the chunk,
+// the target column excluded in the loop and merged once at the end, then merged into
+// the running M, S.  n % V == 0 and 16-byte aligned rows when V > 1 (lse_block_cuda).
+template <typename scalar_t, int V, int R>
+__global__ void __launch_bounds__(kTileThreads)
+    lse_tile_kernel(const scalar_t* __restrict__ L, const float* __restrict__ winv, const float* __restrict__ tl,
+                    const int64_t* __restrict__ labels, float s, int64_t col0, int64_t rows, int64_t n,
+                    float* __restrict__ M, float* __restrict__ S) {
+  __shared__ float sm_m[R][kTileWarps], sm_s[R][kTileWarps];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * R;
+  int64_t t[R];
+  const scalar_t* Lr[R];
+  float m[R], sum[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const bool ok = i0 + r < rows;  // rows past the end: read row i0 again, result dropped
+    t[r] = ok ? target_col(labels[i0 + r], col0, n) : -1;
+    Lr[r] = L + (ok ? i0 + r : i0) * n;
+    m[r] = -INFINITY;
+    sum[r] = 0.f;
+  }
+  const int64_t nv = n / V;
+#pragma unroll 2
+  for (int64_t v = threadIdx.x; v < nv; v += kTileThreads) {
+    const int64_t j = v * V;
+    float wv[V];
+    load_vec<float, V>(winv + j, wv);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float z[V];
+      load_vec<scalar_t, V>(Lr[r] + j, z);
+      float mv = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        z[k] = (j + k == t[r]) ? -INFINITY : logit<float>(z[k], wv[k], s);
+        mv = nan_max(mv, z[k]);
+      }
+      const float mn = nan_max(m[r], mv);
+      if (mn != m[r]) {  // the max moved (or turned NaN, which then propagates)
+        sum[r] = m[r] == -INFINITY ? 0.f : sum[r] * ek_exp(m[r] - mn);
+        m[r] = mn;
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) sum[r] += z[k] == -INFINITY ? 0.f : ek_exp(z[k] - mn);
     }
-    Li[j] = static_cast<scalar_t>(v);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    warp_merge(m[r], sum[r]);
+    if (lane == 0) {
+      sm_m[r][warp] = m[r];
+      sm_s[r][warp] = sum[r];
+    }
+  }
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float mm = lane < kTileWarps ? sm_m[r][lane] : -INFINITY;
+    float ss = lane < kTileWarps ? sm_s[r][lane] : 0.f;
+    warp_merge(mm, ss);
+    const int64_t i = i0 + r;
+    if (lane == 0 && i < rows) {
+      if (t[r] >= 0) merge_partial(mm, ss, tl[i], 1.f);  // exp(tl - max) at the target column
+      float Mi = M[i], Si = S[i];
+      merge_partial(Mi, Si, mm, ss);
+      M[i] = Mi;
+      S[i] = Si;
+    }
+  }
+}
+
+// In place over rows [R*blockIdx.x, +R): L_ij <- G_ij * winv_j (see EpilogueOps).
+template <typename scalar_t, int V, int R>
+__global__ void __launch_bounds__(kTileThreads)
+    grads_tile_kernel(scalar_t* __restrict__ L, const float* __restrict__ winv, const int64_t* __restrict__ labels,
+                      const float* __restrict__ lse, const float* __restrict__ tg, const float* __restrict__ gr,
+                      float s, int64_t col0, int64_t rows, int64_t n) {
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * R;
+  int64_t t[R];
+  float g[R], grs[R], l[R], tgv[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const bool ok = i0 + r < rows;
+    t[r] = ok ? target_col(labels[i0 + r], col0, n) : -1;
+    g[r] = ok ? gr[i0 + r] : 0.f;
+    grs[r] = g[r] * s;
+    l[r] = ok ? lse[i0 + r] : 0.f;
+    tgv[r] = ok ? tg[i0 + r] : 0.f;
+  }
+  const int64_t nv = n / V;
+#pragma unroll 2
+  for (int64_t v = threadIdx.x; v < nv; v += kTileThreads) {
+    const int64_t j = v * V;
+    float wv[V];
+    load_vec<float, V>(winv + j, wv);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (i0 + r >= rows) continue;  // uniform across the block
+      scalar_t* p = L + (i0 + r) * n + j;
+      float z[V];
+      load_vec<scalar_t, V>(p, z);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (g[r] == 0.f) {
+          z[k] = 0.f;  // ignored row: exact zeros
+        } else if (j + k == t[r]) {
+          z[k] = tgv[r] * wv[k];
+        } else {
+          z[k] = grad_scaled<float>(z[k], wv[k], s, l[r], grs[r]);
+        }
+      }
+      store_vec<scalar_t, V>(p, z);
+    }
   }
 }
 
@@ -218,9 +348,78 @@ __global__ void project_rows_kernel(const void* G, int g_tag, const scalar_t* __
     store_tagged(O, base + d, o_tag, load_tagged(G, base + d, g_tag) - k * static_cast<float>(r[d]));
 }
 
+// G, W and out of one dtype (the usual case: grad_W's GEMM writes grad_w in w's dtype,
+// projected in place) with 16-byte aligned rows: the same warp-per-row projection with
+// 16-byte loads (the tagged kernel above: 2-byte loads, 1.18 ms of a 9.1 ms step on an
+// H200 at C=2^20, D=512, bf16, for ~3 GiB of traffic).
+template <typename scalar_t, int V>
+__global__ void project_rows_vec_kernel(const scalar_t* G, const scalar_t* __restrict__ W,
+                                        const float* __restrict__ winv, scalar_t* O, int64_t n, int64_t D) {
+  // O may be G itself: each element is read, then written, by one thread.
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWRows + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= n) return;
+  const int64_t base = row * D;
+  float dot = 0.f;
+  for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += 32 * V) {
+    float g[V], w[V];
+    load_vec<scalar_t, V>(G + base + d, g);
+    load_vec<scalar_t, V>(W + base + d, w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) dot += w[k] * g[k];
+  }
+  dot = warp_sum(dot);
+  const float coef = projection_coef(winv[row], dot);
+  for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += 32 * V) {
+    float g[V], w[V];
+    load_vec<scalar_t, V>(G + base + d, g);
+    load_vec<scalar_t, V>(W + base + d, w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) g[k] -= coef * w[k];
+    store_vec<scalar_t, V>(O + base + d, g);
+  }
+}
+
 inline unsigned int rows_grid(int64_t rows) {
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "expface_kernels: too many rows for one launch: ", num(rows));
   return static_cast<unsigned int>(rows);
+}
+
+// Rows per tile of the chunk epilogues: the largest R in {4, 2, 1} that still gives
+// every SM a tile (winv is read rows/R times per chunk).  B=512 on an H200 (132 SMs):
+// R = 2, 256 tiles; B = 1024: R = 4.
+int tile_rows(int64_t rows) {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if ((rows + 3) / 4 >= sms) return 4;
+  if ((rows + 1) / 2 >= sms) return 2;
+  return 1;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(V, R) with compile-time V and R: V = 16 / sizeof(scalar_t) (16-byte loads) when
+// `vec`, else V = R = 1 (rows not 16-byte aligned: an odd chunk width, the last chunk).
+template <typename scalar_t, typename F>
+void dispatch_tile(bool vec, int R, F&& f) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(scalar_t));
+  if (!vec) {
+    f(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+  } else if (R == 4) {
+    f(std::integral_constant<int, kV>{}, std::integral_constant<int, 4>{});
+  } else if (R == 2) {
+    f(std::integral_constant<int, kV>{}, std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, kV>{}, std::integral_constant<int, 1>{});
+  }
+}
+
+// The vector path needs every row of L and winv's start on a 16-byte boundary.
+template <typename scalar_t>
+bool tile_vectorizable(const Tensor& L, const Tensor& winv) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(scalar_t));
+  return L.size(1) % kV == 0 && aligned16(L.const_data_ptr()) && aligned16(winv.const_data_ptr());
 }
 
 }  // namespace
@@ -239,28 +438,36 @@ void row_inv_norm_cuda(const Tensor& w, const Tensor& winv) {
 void lse_block_cuda(const Tensor& L, const Tensor& winv, const Tensor& target_logit, const Tensor& labels, double s,
                     int64_t col0, const Tensor& row_max, const Tensor& row_sumexp) {
   const int64_t rows = L.size(0), n = L.size(1);
-  if (rows == 0) return;
+  if (rows == 0 || n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int R = tile_rows(rows);
   EK_DISPATCH_CUDA_TYPES(L.scalar_type(), "expface_lse_block_cuda", [&] {
-    lse_block_kernel<scalar_t><<<rows_grid(rows), kThreads, 0, stream>>>(
-        L.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(), target_logit.const_data_ptr<float>(),
-        labels.const_data_ptr<int64_t>(), static_cast<float>(s), col0, n, row_max.mutable_data_ptr<float>(),
-        row_sumexp.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tile<scalar_t>(tile_vectorizable<scalar_t>(L, winv), R, [&](auto v, auto r) {
+      constexpr int kV = decltype(v)::value, kR = decltype(r)::value;
+      lse_tile_kernel<scalar_t, kV, kR><<<rows_grid((rows + kR - 1) / kR), kTileThreads, 0, stream>>>(
+          L.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(), target_logit.const_data_ptr<float>(),
+          labels.const_data_ptr<int64_t>(), static_cast<float>(s), col0, rows, n, row_max.mutable_data_ptr<float>(),
+          row_sumexp.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
 void grads_block_cuda(const Tensor& L, const Tensor& winv, const Tensor& labels, const Tensor& lse,
                       const Tensor& target_grad, const Tensor& grad_row, double s, int64_t col0) {
   const int64_t rows = L.size(0), n = L.size(1);
-  if (rows == 0) return;
+  if (rows == 0 || n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int R = tile_rows(rows);
   EK_DISPATCH_CUDA_TYPES(L.scalar_type(), "expface_grads_block_cuda", [&] {
-    grads_block_kernel<scalar_t><<<rows_grid(rows), kThreads, 0, stream>>>(
-        L.mutable_data_ptr<scalar_t>(), winv.const_data_ptr<float>(), labels.const_data_ptr<int64_t>(),
-        lse.const_data_ptr<float>(), target_grad.const_data_ptr<float>(), grad_row.const_data_ptr<float>(),
-        static_cast<float>(s), col0, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tile<scalar_t>(tile_vectorizable<scalar_t>(L, winv), R, [&](auto v, auto r) {
+      constexpr int kV = decltype(v)::value, kR = decltype(r)::value;
+      grads_tile_kernel<scalar_t, kV, kR><<<rows_grid((rows + kR - 1) / kR), kTileThreads, 0, stream>>>(
+          L.mutable_data_ptr<scalar_t>(), winv.const_data_ptr<float>(), labels.const_data_ptr<int64_t>(),
+          lse.const_data_ptr<float>(), target_grad.const_data_ptr<float>(), grad_row.const_data_ptr<float>(),
+          static_cast<float>(s), col0, rows, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -291,6 +498,19 @@ void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, co
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int grid = rows_grid((n + kWRows - 1) / kWRows);
+  const bool one_dtype = gs.scalar_type() == w.scalar_type() && out.scalar_type() == w.scalar_type();
+  const int64_t vec = 16 / static_cast<int64_t>(w.element_size());
+  if (one_dtype && D % vec == 0 && aligned16(gs.const_data_ptr()) && aligned16(w.const_data_ptr()) &&
+      aligned16(out.const_data_ptr())) {
+    EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_project_rows_cuda", [&] {
+      constexpr int kV = 16 / static_cast<int>(sizeof(scalar_t));
+      project_rows_vec_kernel<scalar_t, kV><<<grid, kWRows * 32, 0, stream>>>(
+          gs.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(),
+          out.mutable_data_ptr<scalar_t>(), n, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_project_rows_cuda", [&] {
     project_rows_kernel<scalar_t><<<grid, kWRows * 32, 0, stream>>>(
         gs.const_data_ptr(), float_tag(gs.scalar_type()), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(),
