@@ -77,7 +77,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ext_modules():
-    cpp = ["csrc/ops.cpp", "csrc/ek_driver.cpp", "csrc/cpu/epilogue_cpu.cpp"]
+    cpp = ["csrc/ops.cpp", "csrc/ek_driver.cpp", "csrc/ek_prologue.cpp", "csrc/cpu/epilogue_cpu.cpp",
+           "csrc/cpu/prologue_cpu.cpp"]
     # -fopenmp: at::parallel_for is header-inline OpenMP in torch's CPU builds; without the
     # flag the CPU epilogues silently ran on one thread (measured: 1 and 2 threads equal).
     # libgomp.so.1 is then resolved to the one torch already loaded (same SONAME).
@@ -90,7 +91,7 @@ def _ext_modules():
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
         return [CUDAExtension(
             "expface_kernels._C",
-            cpp + ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/epilogue_cuda.cu"],
+            cpp + ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/epilogue_cuda.cu", "csrc/cuda/prologue_cuda.cu"],
             define_macros=[("EK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,

@@ -7,7 +7,8 @@ Three parts, each printed as a small Markdown table and appended to
 ``${out}/gpu_profile.md`` (CSV rows in ``${out}/gpu_profile.csv``), bf16 x and W:
 
 split     forward and backward of one training step timed apart (CUDA events), for the
-          ``triton`` and ``extension`` backends, with the host time of the same calls
+          ``triton`` and ``extension`` backends (and the extension with the per-row work as
+          PyTorch ops, prologue.USE_EXTENSION = False), with the host time of the same calls
           (perf_counter around the Python calls, no sync inside): when the host time is
           close to the GPU time, launch overhead -- not the kernels -- sets the pace.
           Plus a torch.profiler table of the kernels of one step per backend.
@@ -75,6 +76,7 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
     import triton.testing
 
     import expface_kernels as ek
+    from expface_kernels import prologue
     sys.path.insert(0, os.path.dirname(HERE))  # bench.*, also when run as bench/gpu_profile.py
     from bench.memory import cuda_peak_extra_of
     from bench.timing import device_ms
@@ -149,7 +151,11 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
         emit("### split: forward / backward of one step (ms)\n")
         emit("| backend | fwd GPU | fwd host | bwd GPU | bwd host | step (do_bench) |")
         emit("|---|---|---|---|---|---|")
-        for be in ("triton", "extension"):
+        # The last row runs the per-row work around the class loop as PyTorch ops instead
+        # of the extension's ops (expface_kernels/prologue.py): what those ops save.
+        for label, be, ops_prologue in (("triton", "triton", True), ("extension", "extension", True),
+                                        ("extension, PyTorch prologue", "extension", False)):
+            prologue.USE_EXTENSION = ops_prologue
             try:
                 def fwd():
                     return ek.margin_softmax_loss(x, w, y, s=args.s, backend=be)
@@ -184,13 +190,15 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
                     fwd().backward()
                 st = gpu_ms(step)
                 x.grad = w.grad = None
-                emit(f"| {be} | {fg:.3f} | {fh:.3f} | {bg:.3f} | {bh:.3f} | {st:.3f} |")
+                emit(f"| {label} | {fg:.3f} | {fh:.3f} | {bg:.3f} | {bh:.3f} | {st:.3f} |")
                 for k, v in (("fwd_gpu_ms", fg), ("fwd_host_ms", fh), ("bwd_gpu_ms", bg),
                              ("bwd_host_ms", bh), ("step_ms", st)):
-                    record("split", be, k, v)
+                    record("split", label, k, v)
             except Exception as exc:  # report and go on: every part is independent
                 traceback.print_exc()
-                emit(f"| {be} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |")
+                emit(f"| {label} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |")
+            finally:
+                prologue.USE_EXTENSION = True
         # The extension's GEMMs per class chunk, times C / chunk, against one full-size
         # GEMM: what chunking costs cuBLAS (B x chunk logits; grad_x with K = chunk;
         # grad_W with K = B).

@@ -33,6 +33,16 @@ EK_HD float ek_log(float x) { return logf(x); }
 EK_HD double ek_log(double x) { return log(x); }
 EK_HD float ek_expm1(float x) { return expm1f(x); }
 EK_HD double ek_expm1(double x) { return expm1(x); }
+EK_HD float ek_acos(float x) { return acosf(x); }
+EK_HD double ek_acos(double x) { return acos(x); }
+EK_HD float ek_cos(float x) { return cosf(x); }
+EK_HD double ek_cos(double x) { return cos(x); }
+EK_HD float ek_sin(float x) { return sinf(x); }
+EK_HD double ek_sin(double x) { return sin(x); }
+EK_HD float ek_pow(float x, float y) { return powf(x, y); }
+EK_HD double ek_pow(double x, double y) { return pow(x, y); }
+EK_HD float ek_floor(float x) { return floorf(x); }
+EK_HD double ek_floor(double x) { return floor(x); }
 
 // F.normalize's eps: ||v|| is clamped below at 1e-12.
 constexpr double kNormEps = 1e-12;
@@ -132,6 +142,71 @@ EK_HD acc_t target_grad(acc_t grad_row, acc_t factor, acc_t target_logit, acc_t 
 template <typename acc_t>
 EK_HD acc_t projection_coef(acc_t winv, acc_t dot_w_gs) {
   return winv <= acc_t(kInvNormMax) ? winv * winv * dot_w_gs : acc_t(0);
+}
+
+// ---- The prologue's margin math (B numbers per step): expface_kernels/margins.py in C++.
+// Codes of the `margin` argument of the margin_terms op (expface_kernels/extension.py
+// maps the names; tests hold both implementations to the float64 formulas).
+enum MarginKind : int64_t { kMarginNone = 0, kCosFace = 1, kArcFace = 2, kExpFace = 3, kSphereFace = 4, kCombined = 5 };
+
+constexpr double kPi = 3.14159265358979323846;
+// margins.THETA_EPS: the exact derivative is evaluated at the angle clamped into
+// [kThetaEps, pi - kThetaEps] (dtheta/dc = -1/sin(theta) is singular at 0 and pi).
+constexpr double kThetaEps = 1e-3;
+
+// clamp that lets NaN through (a NaN cosine must give a NaN loss)
+template <typename T>
+EK_HD T clamp_nan(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// psi(theta) and dpsi/dtheta of the angular margins; m1..m3 as margin_terms.
+template <typename T>
+EK_HD T psi_theta(int64_t kind, T th, T m1, T m2, T m3) {
+  switch (kind) {
+    case kExpFace: return ek_cos(T(kPi) * ek_pow(th / T(kPi), m1));
+    case kArcFace: return ek_cos(th + m1);
+    case kSphereFace: {
+      const T k = ek_floor(m1 * th / T(kPi));
+      const T sign = T(1) - T(2) * (k - T(2) * ek_floor(k / T(2)));  // (-1)^k
+      return sign * ek_cos(m1 * th) - T(2) * k;
+    }
+    default: return ek_cos(m1 * th + m2) - m3;  // kCombined
+  }
+}
+
+template <typename T>
+EK_HD T dpsi_theta(int64_t kind, T th, T m1, T m2) {
+  switch (kind) {
+    case kExpFace: {
+      const T u = th / T(kPi);
+      return -ek_sin(T(kPi) * ek_pow(u, m1)) * m1 * ek_pow(u, m1 - T(1));
+    }
+    case kArcFace: return -ek_sin(th + m1);
+    case kSphereFace: {
+      const T k = ek_floor(m1 * th / T(kPi));
+      const T sign = T(1) - T(2) * (k - T(2) * ek_floor(k / T(2)));
+      return -sign * m1 * ek_sin(m1 * th);
+    }
+    default: return -m1 * ek_sin(m1 * th + m2);  // kCombined
+  }
+}
+
+// target logit s * psi(c) and factor dz/dc (s * psi'(c) when `exact`, else s) of one row.
+// Scalar margins pass m in m1; combined passes (m1, m2, m3).
+template <typename T>
+EK_HD void margin_terms(T c, int64_t kind, T m1, T m2, T m3, T s, bool exact, T& logit_out, T& factor_out) {
+  if (kind == kMarginNone || kind == kCosFace) {
+    logit_out = s * (kind == kCosFace ? c - m1 : c);
+    factor_out = s;
+    return;
+  }
+  const T th = ek_acos(clamp_nan(c, T(-1), T(1)));
+  logit_out = s * psi_theta(kind, th, m1, m2, m3);
+  if (!exact) {
+    factor_out = s;
+    return;
+  }
+  const T tg = clamp_nan(th, T(kThetaEps), T(kPi - kThetaEps));
+  factor_out = s * (dpsi_theta(kind, tg, m1, m2) / -ek_sin(tg));
 }
 
 }  // namespace ek

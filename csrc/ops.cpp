@@ -21,6 +21,17 @@ TORCH_LIBRARY(expface_kernels, m) {
       "Tensor grad_row, float s, int block_bytes=0) -> (Tensor lse, Tensor grad_x_hat, Tensor grad_w, "
       "Tensor w_inv_norm)",
       {at::Tag::pt2_compliant_tag});
+  // The per-row work around the class loop (csrc/ek_prologue.h).
+  m.def(
+      "prologue(Tensor x, Tensor w, Tensor labels, int offset, int ignore_index) -> (Tensor x_hat, Tensor x_inv, "
+      "Tensor labels_out, Tensor kept, Tensor c_t)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "margin_terms(Tensor c_t, int margin, float m1, float m2, float m3, float s, bool exact) -> (Tensor target_logit, "
+      "Tensor target_factor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("normalize_backward(Tensor x, Tensor x_inv, Tensor grad_x_hat) -> Tensor grad_x",
+        {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

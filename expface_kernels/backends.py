@@ -120,6 +120,11 @@ def load_all() -> None:
         _load(name)
 
 
+def importable(name: str) -> bool:
+    """True if the backend's module imports here (see :func:`available_backends` for why not)."""
+    return not isinstance(_load(name), str)
+
+
 def loaded_backend(name: str) -> Backend:
     """A backend already resolved by :func:`select_backend` (a plain lookup, cheap to trace)."""
     return _loaded[name]

@@ -1,6 +1,7 @@
 """The ``extension`` backend: the compiled C++/CUDA ops of ``expface_kernels._C``.
 
-``expface_kernels._C`` registers three operators with ``TORCH_LIBRARY(expface_kernels)``
+``expface_kernels._C`` registers the three operators of the backend contract (and the three
+per-row ops of :mod:`expface_kernels.prologue`) with ``TORCH_LIBRARY(expface_kernels)``
 (csrc/ops.cpp), with CPU kernels (csrc/cpu) and, when built with a CUDA toolkit, CUDA
 kernels (csrc/cuda); one device-agnostic driver (csrc/ek_driver.cpp: a GEMM per block
 through at::mm, one fused epilogue, the gradient GEMMs) and one math header
@@ -75,6 +76,24 @@ def _fused_fake(x_hat, w, target_logit, target_factor, labels, grad_row, s, bloc
     b, c = x_hat.shape[0], w.shape[0]
     return (x_hat.new_empty((b,), dtype=acc), x_hat.new_empty(x_hat.shape, dtype=acc),
             w.new_empty(w.shape), x_hat.new_empty((c,), dtype=acc))
+
+
+@torch.library.register_fake("expface_kernels::prologue")
+def _prologue_fake(x, w, labels, offset, ignore_index):
+    acc = acc_dtype(x, w)
+    b = x.shape[0]
+    return (x.new_empty(x.shape), x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=torch.int64),
+            x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=acc))
+
+
+@torch.library.register_fake("expface_kernels::margin_terms")
+def _margin_terms_fake(c_t, margin, m1, m2, m3, s, exact):
+    return c_t.new_empty(c_t.shape), c_t.new_empty(c_t.shape)
+
+
+@torch.library.register_fake("expface_kernels::normalize_backward")
+def _normalize_backward_fake(x, x_inv, grad_x_hat):
+    return x.new_empty(x.shape)
 
 
 # ---------------------------------------------------------------- the contract

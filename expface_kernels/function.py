@@ -3,7 +3,8 @@
 Forward:
   1. normalise x (B×D, cheap) — the primitives only ever see x̂;
   2. prologue on B numbers: the target cosine c_iy (a gathered dot product), then
-     target_logit = s·ψ(c_iy) and target_factor = ∂z_iy/∂c_iy (margins.py);
+     target_logit = s·ψ(c_iy) and target_factor = ∂z_iy/∂c_iy (margins.py); steps 1-2
+     are two ops of the extension where it is built (prologue.py), else PyTorch ops;
   3. the class loop: the backend's ``lse_partials`` over the block, merged across ranks
      with all-reduce MAX/SUM when a process group is given; or, on one device with
      gradients needed and reduction mean/sum, the backend's ``fused_forward_grads``,
@@ -12,7 +13,7 @@ Forward:
 Backward:
   target_grad = grad_row·target_factor·expm1(target_logit − lse) (B numbers, here, so
   kernels need neither the margin nor expm1), the backend's ``grads``, then x's
-  normalisation chained by hand.
+  normalisation chained by hand (prologue.normalize_backward).
 
 The class block is ``[offset, offset + C_local)``; with ``group`` set the returned
 embedding gradient is this rank's block's contribution (the caller's all-gather sums
@@ -25,9 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends
-from .margins import MARGINS, target_terms
-from .torch_math import NORM_EPS, acc_dtype, block_target_index, inv_norm
+from . import backends, prologue
+from .margins import MARGINS
 
 
 def _all_reduce(t: Tensor, op, group) -> Tensor:
@@ -47,26 +47,12 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 s: float, margin_grad: str, reduction: str, ignore_index: int, offset: int,
                 group, grad_enabled: bool):
         be = backends.loaded_backend(backend)
-        acc = acc_dtype(x, w)
-        x_acc = x.to(acc)
-        x_inv = inv_norm(x_acc, acc)
-        x_hat = (x_acc * x_inv.unsqueeze(1)).to(x.dtype)
-        labels = labels.long()
-        ignored = labels == ignore_index
-        labels = torch.where(ignored, torch.full_like(labels, -1), labels)
-        kept = (~ignored).to(acc)
-
-        # Prologue: c_iy from x̂ and the gathered centre (zero where the label is in
-        # another rank's block, so that a SUM all-reduce assembles it).
-        in_block, col = block_target_index(labels, offset, w.shape[0])
-        empty = w.shape[0] == 0  # a rank that sampled no class this step (sharded loss)
-        if empty:
-            c_t = torch.zeros(x.shape[0], dtype=acc, device=x.device)
-        else:
-            w_t = w[col].to(acc)
-            c_t = (x_hat.to(acc) * w_t).sum(1) * inv_norm(w_t, acc)
-        c_t = _all_reduce(torch.where(in_block, c_t, torch.zeros_like(c_t)), dist.ReduceOp.SUM, group)
-        target_logit, target_factor = target_terms(c_t, MARGINS[margin], m, s, margin_grad)
+        # Prologue (one op each with the extension built, see prologue.py): x̂, the cleaned
+        # labels and c_iy from x̂ and the gathered centre (zero where the label is in
+        # another rank's block, so that a SUM all-reduce assembles it), then the margin.
+        x_hat, x_inv, labels, kept, c_t = prologue.target_cosine(x, w, labels, offset, ignore_index)
+        c_t = _all_reduce(c_t, dist.ReduceOp.SUM, group)
+        target_logit, target_factor = prologue.target_terms(c_t, MARGINS[margin], m, s, margin_grad)
 
         n_kept = kept.sum()
         if reduction == "mean":
@@ -84,10 +70,10 @@ class MarginSoftmaxFunction(torch.autograd.Function):
             lse, gx_hat, gw, w_inv = be.fused_forward_grads(
                 x_hat, w, target_logit, target_factor, labels, grad_row, s)
         else:
-            if empty:  # no column: the neutral partials (max −inf, sum 0)
+            if w.shape[0] == 0:  # no column (a sharded rank): the neutral partials (max −inf, sum 0)
                 row_max = torch.full_like(target_logit, float("-inf"))
                 row_sumexp = torch.zeros_like(target_logit)
-                w_inv = torch.empty(0, dtype=acc, device=w.device)
+                w_inv = torch.empty(0, dtype=c_t.dtype, device=w.device)
             else:
                 row_max, row_sumexp, w_inv = be.lse_partials(x_hat, w, target_logit, labels, s, offset)
             if group is not None:
@@ -96,7 +82,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 row_max = gmax
             lse = row_max + torch.log(row_sumexp)
 
-        loss_rows = torch.where(ignored, torch.zeros_like(lse), lse - target_logit)
+        loss_rows = torch.where(kept > 0, lse - target_logit, torch.zeros_like(lse))
         if reduction == "none":
             loss = loss_rows
         elif reduction == "sum":
@@ -105,7 +91,6 @@ class MarginSoftmaxFunction(torch.autograd.Function):
             loss = loss_rows.sum() / n_kept
 
         ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
-        ctx.x_dtype = x.dtype
         # The fused pass's gradients live on ctx, not in save_for_backward: backward
         # takes them out and scales them in place, so that autograd can hand grad_w to
         # w.grad without a copy (a saved tensor stays referenced, and AccumulateGrad then
@@ -114,13 +99,13 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         ctx.fused_grads = [gx_hat, gw] if fused else None
         if need_grad:
             # Enough to recompute the gradients should backward run a second time.
-            ctx.save_for_backward(x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit,
+            ctx.save_for_backward(x, x_inv, x_hat, w, w_inv, labels, lse, target_logit,
                                   target_factor, grad_row)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (x_acc, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
+        (x, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
          grad_row) = ctx.saved_tensors
         if ctx.fused:
             if ctx.fused_grads is not None:
@@ -143,11 +128,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 be = backends.loaded_backend(ctx.backend)
                 gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
                                       ctx.s, ctx.offset)
-        # x̂ = x / max(‖x‖, eps): dx = (g − x̂(x̂·g)) / ‖x‖, or g / eps below the floor.
-        x_hat_acc = x_acc * x_inv.unsqueeze(1)
-        radial = (x_hat_acc * gx_hat).sum(1, keepdim=True)
-        radial = torch.where((x_inv < 1.0 / NORM_EPS).unsqueeze(1), radial, torch.zeros_like(radial))
-        gx = ((gx_hat - x_hat_acc * radial) * x_inv.unsqueeze(1)).to(ctx.x_dtype)
+        gx = prologue.normalize_backward(x, x_inv, gx_hat)
         return gx, gw, None, None, None, None, None, None, None, None, None, None, None
 
 

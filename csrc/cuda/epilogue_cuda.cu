@@ -22,6 +22,7 @@
 
 #include "../ek_math.h"
 #include "../ek_driver.h"
+#include "ek_cuda_common.cuh"
 #include "epilogue_cuda.h"
 
 #define EK_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
@@ -40,10 +41,6 @@ constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kWRows = 8;
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -306,31 +303,8 @@ __global__ void __launch_bounds__(kThreads) fused_rows_kernel(scalar_t* __restri
   }
 }
 
-// The (rows, D) operands of the projection come in float, half or bfloat16 (the
-// grad_W GEMM's dtype in, w's or fp32 out): one kernel per W dtype, the other two
-// dtypes read through a tag (uniform per launch, so the branch costs nothing).
-enum FloatTag : int { kTagFloat = 0, kTagHalf = 1, kTagBFloat16 = 2 };
-
-inline FloatTag float_tag(at::ScalarType t) {
-  return t == at::kFloat ? kTagFloat : t == at::kHalf ? kTagHalf : kTagBFloat16;
-}
-
-__device__ __forceinline__ float load_tagged(const void* p, int64_t i, int tag) {
-  if (tag == kTagFloat) return static_cast<const float*>(p)[i];
-  if (tag == kTagHalf) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-  return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-}
-
-__device__ __forceinline__ void store_tagged(void* p, int64_t i, int tag, float v) {
-  if (tag == kTagFloat) {
-    static_cast<float*>(p)[i] = v;
-  } else if (tag == kTagHalf) {
-    static_cast<c10::Half*>(p)[i] = static_cast<c10::Half>(v);
-  } else {
-    static_cast<c10::BFloat16*>(p)[i] = static_cast<c10::BFloat16>(v);
-  }
-}
-
+// The projection's (rows, D) operands come in float, half or bfloat16 (the grad_W GEMM's
+// dtype in, w's or fp32 out): one kernel per W dtype, the others read through a tag.
 template <typename scalar_t>
 __global__ void project_rows_kernel(const void* G, int g_tag, const scalar_t* __restrict__ W,
                                     const float* __restrict__ winv, void* O, int o_tag, int64_t n, int64_t D) {

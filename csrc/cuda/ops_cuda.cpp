@@ -4,7 +4,9 @@
 #include <torch/library.h>
 
 #include "../ek_driver.h"
+#include "../ek_prologue.h"
 #include "epilogue_cuda.h"
+#include "prologue_cuda.h"
 
 namespace ek {
 namespace {
@@ -43,10 +45,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_cuda(const Tensor
   return fused_forward_grads_impl(kCudaOps, x_hat, w, target_logit, target_factor, labels, grad_row, s, block_bytes);
 }
 
+const PrologueOps kCudaPrologueOps{prologue_cuda_kernel, margin_terms_cuda_kernel, normalize_backward_cuda_kernel};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prologue_cuda(const Tensor& x, const Tensor& w,
+                                                                 const Tensor& labels, int64_t offset,
+                                                                 int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, w));
+  return prologue_impl(kCudaPrologueOps, x, w, labels, offset, ignore_index);
+}
+
+std::tuple<Tensor, Tensor> margin_terms_cuda(const Tensor& c_t, int64_t margin, double m1, double m2, double m3,
+                                             double s, bool exact) {
+  const c10::cuda::CUDAGuard guard(c_t.device());
+  return margin_terms_impl(kCudaPrologueOps, c_t, margin, m1, m2, m3, s, exact);
+}
+
+Tensor normalize_backward_cuda(const Tensor& x, const Tensor& x_inv, const Tensor& grad_x_hat) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, grad_x_hat));
+  return normalize_backward_impl(kCudaPrologueOps, x, x_inv, grad_x_hat);
+}
+
 }  // namespace
 }  // namespace ek
 
 TORCH_LIBRARY_IMPL(expface_kernels, CUDA, m) {
+  m.impl("prologue", &ek::prologue_cuda);
+  m.impl("margin_terms", &ek::margin_terms_cuda);
+  m.impl("normalize_backward", &ek::normalize_backward_cuda);
   m.impl("lse_partials", &ek::lse_partials_cuda);
   m.impl("grads", &ek::grads_cuda);
   m.impl("fused_forward_grads", &ek::fused_forward_grads_cuda);
