@@ -9,7 +9,8 @@
 # logs to a temporary folder; the benchmark (bench/gpu_bench.py) writes gpu_bench.md /
 # .csv after every shape, largest C first; bench/gpu_profile.py writes gpu_profile.md /
 # .csv (forward/backward split with host times, launch-config variants, largest C per
-# backend). On exit those four files and logs.tar.gz land in $OUT, and the tables are
+# backend), bench/host_overhead.py host_overhead.md (ops and µs of one tiny call). On exit
+# those five files and logs.tar.gz land in $OUT, and the tables are
 # printed last. Each step is time-boxed from what is left of
 # TOTAL_S, so the script ends in time even if a step hangs; a failed step does not stop
 # the later ones.
@@ -129,6 +130,13 @@ if want profile; then
   rc=$?; status+=("profile: rc=$rc (budget ${PB}s)")
 fi
 
+if want profile; then
+  # Host cost of one tiny call (ops issued, µs), extension ops vs PyTorch ops for the
+  # per-row work: a few seconds.
+  timeout 60 python bench/host_overhead.py --device cuda --calls 500 > "$LOG/host_overhead.md" 2>&1
+  status+=("host_overhead: rc=$?")
+fi
+
 if want test_triton; then
   echo "== GPU tests of the Triton kernels (t=$(elapsed)s)"
   # tests/test_triton.py runs entirely on CUDA here (bf16/fp16, 2^31-element W, GPU configs).
@@ -150,4 +158,5 @@ echo
 # The tables last.
 # (the profiler's kernel tables stay in the file: they would push the others out of view)
 [ -s "$LOG/gpu_profile.md" ] && awk '/^```/{f=!f; next} !f' "$LOG/gpu_profile.md"
+[ -s "$LOG/host_overhead.md" ] && cat "$LOG/host_overhead.md"
 if [ -s "$LOG/gpu_bench.md" ]; then cat "$LOG/gpu_bench.md"; elif [ -s "$LOG/gpu_bench.log" ]; then tail -n 40 "$LOG/gpu_bench.log"; fi

@@ -111,6 +111,19 @@ def test_noisy_labels_quick(tmp_path):
     _png_ok(tmp_path / "noisy_label_angles.png")
 
 
+def test_host_overhead_script_counts_fewer_ops_with_the_extension_ops():
+    """bench/host_overhead.py prints, per backend, the ops and µs of one call with the
+    per-row work as extension ops and as PyTorch ops; the ops must be fewer."""
+    p = subprocess.run([sys.executable, "bench/host_overhead.py", "--device", "cpu", "--calls", "20",
+                        "--backends", "extension"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [r.split("|")[1:-1] for r in p.stdout.splitlines() if r.startswith("| extension")]
+    assert [r[1].strip() for r in rows] == ["extension ops", "PyTorch ops"], p.stdout
+    fwd_ops = [int(r[2]) for r in rows]
+    assert fwd_ops[0] < fwd_ops[1], p.stdout
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows), p.stdout
+
+
 def test_device_benchmark_scripts_smoke_on_cpu(tmp_path):
     """bench/gpu_bench.py and bench/gpu_profile.py run their logic on CPU (``--device cpu``:
     tiny shapes, the Triton interpreter) and write their tables; every Triton variant's
