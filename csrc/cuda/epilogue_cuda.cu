@@ -322,14 +322,16 @@ __global__ void project_rows_kernel(const void* G, int g_tag, const scalar_t* __
     store_tagged(O, base + d, o_tag, load_tagged(G, base + d, g_tag) - k * static_cast<float>(r[d]));
 }
 
-// G, W and out of one dtype (the usual case: grad_W's GEMM writes grad_w in w's dtype,
-// projected in place) with 16-byte aligned rows: the same warp-per-row projection with
-// 16-byte loads (the tagged kernel above: 2-byte loads, 1.18 ms of a 9.1 ms step on an
-// H200 at C=2^20, D=512, bf16, for ~3 GiB of traffic).
-template <typename scalar_t, int V>
-__global__ void project_rows_vec_kernel(const scalar_t* G, const scalar_t* __restrict__ W,
-                                        const float* __restrict__ winv, scalar_t* O, int64_t n, int64_t D) {
-  // O may be G itself: each element is read, then written, by one thread.
+// The two layouts of the training path, with 16-byte aligned rows: G, W and out of one
+// dtype (grad_W's GEMM writes grad_w in w's dtype, projected in place), and a 16-bit G
+// with an fp32 W and out (fp16/bf16 x with an fp32 W).  The same warp-per-row
+// projection as the tagged kernel above, with 16-byte loads of G (V elements) and V
+// elements of W and out per step (the tagged kernel: 2-byte loads, 1.18 ms of a 9.1 ms
+// step on an H200 at C=2^20, D=512, bf16, for ~3 GiB of traffic).
+template <typename g_t, typename w_t, int V>
+__global__ void project_rows_vec_kernel(const g_t* G, const w_t* __restrict__ W, const float* __restrict__ winv,
+                                        w_t* O, int64_t n, int64_t D) {
+  // O may be G itself (same dtype): each element is read, then written, by one thread.
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWRows + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= n) return;
@@ -337,8 +339,8 @@ __global__ void project_rows_vec_kernel(const scalar_t* G, const scalar_t* __res
   float dot = 0.f;
   for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += 32 * V) {
     float g[V], w[V];
-    load_vec<scalar_t, V>(G + base + d, g);
-    load_vec<scalar_t, V>(W + base + d, w);
+    load_vec<g_t, V>(G + base + d, g);
+    load_vec<w_t, V>(W + base + d, w);
 #pragma unroll
     for (int k = 0; k < V; ++k) dot += w[k] * g[k];
   }
@@ -346,11 +348,11 @@ __global__ void project_rows_vec_kernel(const scalar_t* G, const scalar_t* __res
   const float coef = projection_coef(winv[row], dot);
   for (int64_t d = static_cast<int64_t>(lane) * V; d < D; d += 32 * V) {
     float g[V], w[V];
-    load_vec<scalar_t, V>(G + base + d, g);
-    load_vec<scalar_t, V>(W + base + d, w);
+    load_vec<g_t, V>(G + base + d, g);
+    load_vec<w_t, V>(W + base + d, w);
 #pragma unroll
     for (int k = 0; k < V; ++k) g[k] -= coef * w[k];
-    store_vec<scalar_t, V>(O + base + d, g);
+    store_vec<w_t, V>(O + base + d, g);
   }
 }
 
@@ -472,15 +474,24 @@ void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, co
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int grid = rows_grid((n + kWRows - 1) / kWRows);
-  const bool one_dtype = gs.scalar_type() == w.scalar_type() && out.scalar_type() == w.scalar_type();
-  const int64_t vec = 16 / static_cast<int64_t>(w.element_size());
-  if (one_dtype && D % vec == 0 && aligned16(gs.const_data_ptr()) && aligned16(w.const_data_ptr()) &&
-      aligned16(out.const_data_ptr())) {
-    EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_project_rows_cuda", [&] {
-      constexpr int kV = 16 / static_cast<int>(sizeof(scalar_t));
-      project_rows_vec_kernel<scalar_t, kV><<<grid, kWRows * 32, 0, stream>>>(
-          gs.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(),
-          out.mutable_data_ptr<scalar_t>(), n, D);
+  const auto gt = gs.scalar_type(), wt = w.scalar_type();
+  const bool one_dtype = gt == wt && out.scalar_type() == wt;
+  const bool low_g_fp32_w = wt == at::kFloat && out.scalar_type() == at::kFloat && gt != at::kFloat;
+  const int64_t vec = 16 / static_cast<int64_t>(gs.element_size());  // G elements per 16-byte load
+  if ((one_dtype || low_g_fp32_w) && D % vec == 0 && aligned16(gs.const_data_ptr()) &&
+      aligned16(w.const_data_ptr()) && aligned16(out.const_data_ptr())) {
+    EK_DISPATCH_CUDA_TYPES(gt, "expface_project_rows_cuda", [&] {
+      using g_t = scalar_t;
+      constexpr int kV = 16 / static_cast<int>(sizeof(g_t));
+      if (one_dtype) {
+        project_rows_vec_kernel<g_t, g_t, kV><<<grid, kWRows * 32, 0, stream>>>(
+            gs.const_data_ptr<g_t>(), w.const_data_ptr<g_t>(), winv.const_data_ptr<float>(),
+            out.mutable_data_ptr<g_t>(), n, D);
+      } else {
+        project_rows_vec_kernel<g_t, float, kV><<<grid, kWRows * 32, 0, stream>>>(
+            gs.const_data_ptr<g_t>(), w.const_data_ptr<float>(), winv.const_data_ptr<float>(),
+            out.mutable_data_ptr<float>(), n, D);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
