@@ -511,7 +511,9 @@ def test_cuda_tile_epilogues_match_contract(dtype, w_dtype, b, c, d, chunk, monk
         t = y.cpu()
         rows = torch.nonzero(t >= 0).squeeze(1)
         z[rows, t[rows]] = tl.double().cpu()[rows]
-        _close(lse, torch.logsumexp(z, 1), 1e-4, "lse vs the rounded GEMM output")
+        # 1e-2: cuBLAS and this fp32 product may round an element to neighbouring bf16
+        # values (a 2^-8 step, up to ~0.1 of a logit); a lost column moves lse by units.
+        _close(lse, torch.logsumexp(z, 1), 1e-2, "lse vs the rounded GEMM output")
     tg = torch.where(y >= 0, gr * tf * torch.expm1(tl - lse), torch.zeros_like(lse))
     gx, gw = ext.grads(x, w, winv, y, lse, tg, gr, s, 0)
     rgx, rgw = ref_grads(x.cpu(), w.cpu(), winv.cpu(), y.cpu(), lse.cpu(), tg.cpu(), gr.cpu(), s, 0)
