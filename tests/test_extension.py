@@ -477,16 +477,17 @@ def test_cuda_primitives_match_contract(dtype, w_dtype, b, c, d, blocks, monkeyp
         _close(a, b_, tol, "fused: " + what)
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                            (torch.float16, torch.float32)])
 @pytest.mark.parametrize("b,c,d", [(301, 4099, 64), (1103, 2056, 36)])
 @pytest.mark.parametrize("chunk", ["one", "1024"])
-def test_cuda_tile_epilogues_match_contract(dtype, w_dtype, b, c, d, chunk, monkeypatch):
+def test_tile_epilogues_match_contract(device, dtype, w_dtype, b, c, d, chunk, monkeypatch):
     """The chunk epilogues' tiles of R rows (R = 2 at B = 301, R = 4 at B = 1103 on a GPU
     with 76 to 150 SMs; a partial last tile in both), their 16-byte vector path (chunks of
     1024 classes) and scalar path (the last chunk of 4099 = 4 x 1024 + 3), and the
-    vectorised / dtype-tagged projection (D = 64 / 36). Columns c-1, 1024 and 1023 (the
+    vectorised / dtype-tagged projection (D = 64 / 36). On CPU: the driver's class chunks
+    (a budget of 1030 columns, rounded to 1024) through the CPU epilogues. Columns c-1, 1024 and 1023 (the
     tail, both sides of a chunk edge) hold the largest logit of rows 0, 2 and 3, so a
     column lost at an edge moves those rows' lse by whole units, far above the bfloat16
     tolerance; targets sit there too (rows 4-6). bfloat16's lse is also held against a
@@ -495,11 +496,11 @@ def test_cuda_tile_epilogues_match_contract(dtype, w_dtype, b, c, d, chunk, monk
     if chunk == "1024":
         monkeypatch.setattr(ext, "BLOCK_BYTES", b * esize * 1030)  # 1030 -> 1024 columns
     tol = _tol(dtype, w_dtype)
-    x, w, tl, tf, y, gr, s = prim_inputs(b, c, d, dtype=dtype, w_dtype=w_dtype, seed=b, device="cuda")
+    x, w, tl, tf, y, gr, s = prim_inputs(b, c, d, dtype=dtype, w_dtype=w_dtype, seed=b, device=device)
     for row, col in ((0, c - 1), (2, 1024), (3, 1023)):
         w[col] = (1.5 * x[row].float()).to(w.dtype)  # cosine 1: the row's largest logit
         y[row] = 5
-    y[4:7] = torch.tensor([c - 1, 1024, 1023], device="cuda")  # targets in the tail and at the edge
+    y[4:7] = torch.tensor([c - 1, 1024, 1023], device=device)  # targets in the tail and at the edge
     m, S, winv = ext.lse_partials(x, w, tl, y, s, 0)
     rm, rS, rwinv = ref_lse_partials(x.cpu(), w.cpu(), tl.cpu(), y.cpu(), s, 0)
     lse = m + torch.log(S)
