@@ -1,6 +1,6 @@
 // The extension's CUDA kernels (csrc/cuda/*_kernels.cuh, unchanged source) run on the CPU
 // under cuda_emu.h, one entry point per kernel with its template parameters chosen at run
-// time; tests/test_cuda_emulation.py builds this with torch.utils.cpp_extension.load and
+// time; tests/test_emulated_kernels.py builds this with torch.utils.cpp_extension.load and
 // holds each kernel to the float64 contract. Arguments are contiguous CPU tensors of the
 // dtypes the CUDA launchers pass (no checks here: the tests own the inputs).
 #include <torch/extension.h>

@@ -8,7 +8,9 @@ tiles (R = 1, 2, 4, a partial last tile) on the 16-byte and scalar paths, rows s
 than a block's threads and rows needing several sweeps, the target column, ignored
 rows, NaN; the fused row kernel; W's norms; both projections; the per-row ops. What it
 cannot show: timing, memory-model races, the launchers' choice of R and V (the GPU tests
-in test_extension.py run those). Built once per session (~1 min on 2 cores).
+in test_extension.py run those). Built once per session (~20 s on 2 cores). The file
+name avoids "cuda" on purpose: bench/gpu_check.sh selects the GPU tests with
+``-k "cuda or gpu"``, and these need no GPU.
 """
 
 from __future__ import annotations
