@@ -253,3 +253,17 @@ def test_ops_per_step_with_and_without_the_extension_prologue(monkeypatch):
     fwd_t, bwd_t = _ops_of_one_step("extension")
     assert fwd <= 20 and bwd <= 8, (fwd, bwd)
     assert fwd_t >= 3 * fwd, (fwd_t, fwd)
+
+
+@needs_cuda
+def test_cuda_op_errors_name_the_argument():
+    x = torch.randn(3, 4, device="cuda")
+    y = torch.zeros(3, dtype=torch.long, device="cuda")
+    with pytest.raises(RuntimeError, match="w is on cpu but x is on cuda"):
+        OPS.prologue(x, torch.randn(5, 4), y, 0, -1)
+    with pytest.raises(RuntimeError, match="labels is on cpu but x is on cuda"):
+        OPS.prologue(x, torch.randn(5, 4, device="cuda"), y.cpu(), 0, -1)
+    with pytest.raises(RuntimeError, match="margin must be a code"):
+        OPS.margin_terms(torch.rand(3, device="cuda"), 9, 0.5, 0.0, 0.0, 64.0, True)
+    with pytest.raises(RuntimeError, match="grad_x_hat is on cpu but x is on cuda"):
+        OPS.normalize_backward(x, torch.rand(3, device="cuda"), torch.randn(3, 4))
