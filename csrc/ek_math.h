@@ -145,7 +145,7 @@ EK_HD acc_t projection_coef(acc_t winv, acc_t dot_w_gs) {
 }
 
 // ---- The prologue's margin math (B numbers per step): expface_kernels/margins.py in C++.
-// Codes of the `margin` argument of the margin_terms op (expface_kernels/extension.py
+// Codes of the `margin` argument of the margin_terms op (expface_kernels/prologue.py
 // maps the names; tests hold both implementations to the float64 formulas).
 enum MarginKind : int64_t { kMarginNone = 0, kCosFace = 1, kArcFace = 2, kExpFace = 3, kSphereFace = 4, kCombined = 5 };
 
@@ -158,6 +158,13 @@ constexpr double kThetaEps = 1e-3;
 template <typename T>
 EK_HD T clamp_nan(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// SphereFace's piece k = floor(m theta / pi) and (-1)^k.
+template <typename T>
+EK_HD void sphereface_piece(T th, T m, T& k, T& sign) {
+  k = ek_floor(m * th / T(kPi));
+  sign = T(1) - T(2) * (k - T(2) * ek_floor(k / T(2)));
+}
+
 // psi(theta) and dpsi/dtheta of the angular margins; m1..m3 as margin_terms.
 template <typename T>
 EK_HD T psi_theta(int64_t kind, T th, T m1, T m2, T m3) {
@@ -165,8 +172,8 @@ EK_HD T psi_theta(int64_t kind, T th, T m1, T m2, T m3) {
     case kExpFace: return ek_cos(T(kPi) * ek_pow(th / T(kPi), m1));
     case kArcFace: return ek_cos(th + m1);
     case kSphereFace: {
-      const T k = ek_floor(m1 * th / T(kPi));
-      const T sign = T(1) - T(2) * (k - T(2) * ek_floor(k / T(2)));  // (-1)^k
+      T k, sign;
+      sphereface_piece(th, m1, k, sign);
       return sign * ek_cos(m1 * th) - T(2) * k;
     }
     default: return ek_cos(m1 * th + m2) - m3;  // kCombined
@@ -182,8 +189,8 @@ EK_HD T dpsi_theta(int64_t kind, T th, T m1, T m2) {
     }
     case kArcFace: return -ek_sin(th + m1);
     case kSphereFace: {
-      const T k = ek_floor(m1 * th / T(kPi));
-      const T sign = T(1) - T(2) * (k - T(2) * ek_floor(k / T(2)));
+      T k, sign;
+      sphereface_piece(th, m1, k, sign);
       return -sign * m1 * ek_sin(m1 * th);
     }
     default: return -m1 * ek_sin(m1 * th + m2);  // kCombined
