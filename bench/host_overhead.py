@@ -22,7 +22,9 @@ import expface_kernels as ek
 from expface_kernels import prologue
 
 
-class _CountOps(TorchDispatchMode):
+class CountOps(TorchDispatchMode):
+    """Counts the dispatcher ops run inside the ``with`` block (``.n``)."""
+
     def __init__(self):
         super().__init__()
         self.n = 0
@@ -71,9 +73,9 @@ def main(argv=None) -> int:
         for use_ops in (True, False):
             prologue.USE_EXTENSION = use_ops
             try:
-                with _CountOps() as cf:
+                with CountOps() as cf:
                     loss = ek.expface_loss(x, w, y, backend=be)
-                with _CountOps() as cb:
+                with CountOps() as cb:
                     loss.backward()
                 f = _us_per_call(lambda: fwd(be), args.calls, sync)
                 fb = _us_per_call(lambda: step(be), args.calls, sync)

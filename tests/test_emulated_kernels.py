@@ -23,12 +23,14 @@ import torch
 
 from expface_kernels.margins import MARGINS, resolve_margin, target_terms
 from expface_kernels.prologue import MARGIN_CODES
+from expface_kernels.torch_math import NORM_EPS
 
 pytest.importorskip("expface_kernels.extension",
                     reason="the per-row kernels are compared with the CPU ops of expface_kernels._C")
 
+from util import max_rel_err  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NORM_EPS = 1e-12
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +44,13 @@ def emu(tmp_path_factory):
 
 
 def _rel(got, want):
+    """util.max_rel_err, except that NaN must appear in the same places in both."""
     got, want = got.double(), want.double()
     if torch.isnan(got).any() or torch.isnan(want).any():
         assert torch.equal(torch.isnan(got), torch.isnan(want)), "NaN pattern differs"
         keep = ~torch.isnan(want)
         got, want = got[keep], want[keep]
-    if want.numel() == 0:
-        return 0.0
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    return max_rel_err(got, want) if want.numel() else 0.0
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # fp32 exp of s*c (|s*c| <= 30), one rounding

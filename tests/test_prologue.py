@@ -9,10 +9,11 @@ count of one forward, the reason the ops exist (host time on a GPU).
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import expface_kernels as ek
 from expface_kernels import prologue
@@ -23,16 +24,13 @@ ext = pytest.importorskip("expface_kernels.extension",
 
 from util import MARGIN_CASES, loss_and_grads, make_inputs, max_rel_err  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.host_overhead import CountOps  # noqa: E402  (the one op counter, shared with the benchmark)
+
 OPS = torch.ops.expface_kernels
 HAS_CUDA = torch.cuda.is_available() and ext.built_with_cuda()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of expface_kernels._C")
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
-@pytest.fixture
-def torch_path(monkeypatch):
-    """Run the prologue as PyTorch ops (the specification)."""
-    monkeypatch.setattr(prologue, "USE_EXTENSION", False)
 
 
 def _torch_ref(fn, *args):
@@ -225,21 +223,11 @@ def test_op_errors_name_the_argument(call, match):
 
 
 # ------------------------------------------------------------------ why: the ops issued per step
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_of_one_step(backend):
     x, w, y = make_inputs(8, 50, 16, dtype=torch.float32, seed=0, ignore=(1,))
-    with _CountOps() as fwd:
+    with CountOps() as fwd:
         loss = ek.expface_loss(x, w, y, backend=backend)
-    with _CountOps() as bwd:
+    with CountOps() as bwd:
         loss.backward()
     return fwd.n, bwd.n
 
