@@ -18,13 +18,15 @@
 # Knobs (environment):
 #   GPU_CHECK_TOTAL_S   whole-script target in seconds (default 450)
 #   GPU_CHECK_STEPS     which steps, in this order (default: all of them)
-#                       test_ext test_triton bench profile capacity
+#                       test_ext sanitize test_triton bench profile capacity
+#                       (they run in the order test_ext sanitize bench profile test_triton capacity)
 #   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py (default: none -- its
 #                       defaults, issue 3's sweep: C = 2^20, 2^18, 2^16 largest first,
 #                       B = 512 and 1024, bf16 and fp16-x/fp32-W, every backend and peer;
 #                       its --budget-s cuts the sweep short). The quick H200 runs of
 #                       2026-11-28 used "--c-exps 20 --backends naive cublas triton extension".
-#   GPU_TRITON_TEST_ARGS  extra pytest arguments of the Triton test step (e.g. -k gpu)
+#   GPU_TRITON_TEST_ARGS  extra pytest arguments of the Triton test step (split on spaces)
+#   GPU_TRITON_TEST_K   its -k expression, spaces allowed (e.g. "gpu and not candidates")
 #   GPU_PROFILE_PARTS   parts of bench/gpu_profile.py in the profile step (default: split
 #                       variants)
 set -uo pipefail
@@ -38,7 +40,7 @@ pack() { cp "$LOG"/*.md "$LOG"/*.csv "$OUT"/ 2>/dev/null; tar -czf "$OUT/logs.ta
 trap pack EXIT
 T0=$(date +%s)
 TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
-STEPS=" ${GPU_CHECK_STEPS:-test_ext test_triton bench profile capacity} "
+STEPS=" ${GPU_CHECK_STEPS:-test_ext sanitize test_triton bench profile capacity} "
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # box MAX RESERVE [MIN]: at most MAX seconds, leaving RESERVE seconds for the later
 # steps, but at least MIN (default 20)
@@ -110,6 +112,34 @@ if want test_ext; then
     tests -k "(cuda or gpu) and not cuda_rejects" --ignore=tests/test_triton.py
 fi
 
+if want sanitize; then
+  echo "== compute-sanitizer on the extension's own kernels (t=$(elapsed)s)"
+  # racecheck: shared-memory hazards of the tile epilogues' block merges; memcheck (no
+  # caching allocator, so that a read past a tensor's end leaves its allocation): the
+  # 16-byte loads at chunk tails. Only the extension's kernels are instrumented.
+  SAN_TESTS=(tests/test_extension.py tests/test_prologue.py -k "cuda and not rejects and not sass and not opcheck")
+  SAN_KERNELS="kns=tile_kernel|project_rows|row_inv_norm|prologue_kernel|margin_terms|normalize_backward|fused_rows|epilogue_kernel"
+  PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in racecheck memcheck; do
+      for filter in --kernel-regex ""; do  # unfiltered only if this sanitizer rejects the filter
+        # (torch reads PYTORCH_NO_CUDA_MEMORY_CACHING as set or unset, not its value)
+        env $([ $tool = memcheck ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) \
+          timeout "$(box 70 200 30)" compute-sanitizer --tool $tool ${filter:+$filter "$SAN_KERNELS"} --error-exitcode 99 \
+          --print-limit 20 python -m pytest -q -p no:cacheprovider "${SAN_TESTS[@]}" > "$LOG/sanitize_$tool.log" 2>&1
+        rc=$?
+        grep -qE "passed|failed|ERROR SUMMARY: [1-9]" "$LOG/sanitize_$tool.log" && break
+        [ "$rc" = 124 ] && break
+        head -n 5 "$LOG/sanitize_$tool.log"
+      done
+      status+=("compute-sanitizer $tool: rc=$rc: $(grep -E 'ERROR SUMMARY|passed|failed' "$LOG/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')")
+      grep -E "ERROR SUMMARY|Race reported|Invalid|Error: " "$LOG/sanitize_$tool.log" | head -n 8
+    done
+  else
+    status+=("compute-sanitizer: not on this machine")
+  fi
+fi
+
 if want bench; then
   echo "== benchmark (t=$(elapsed)s)"
   BUDGET=$(box 150 150 40)
@@ -141,7 +171,8 @@ if want test_triton; then
   echo "== GPU tests of the Triton kernels (t=$(elapsed)s)"
   # tests/test_triton.py runs entirely on CUDA here (bf16/fp16, 2^31-element W, GPU configs).
   # shellcheck disable=SC2086
-  pytest_step "pytest tests/test_triton.py" pytest_triton.log "$(box 150 45)" tests/test_triton.py ${GPU_TRITON_TEST_ARGS:-}
+  pytest_step "pytest tests/test_triton.py" pytest_triton.log "$(box 150 45)" tests/test_triton.py \
+    ${GPU_TRITON_TEST_K:+-k "$GPU_TRITON_TEST_K"} ${GPU_TRITON_TEST_ARGS:-}
 fi
 
 if want capacity; then
