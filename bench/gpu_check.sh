@@ -29,6 +29,11 @@
 #   GPU_TRITON_TEST_K   its -k expression, spaces allowed (e.g. "gpu and not candidates")
 #   GPU_PROFILE_PARTS   parts of bench/gpu_profile.py in the profile step (default: split
 #                       variants)
+#   GPU_PROFILE_ARGS    extra arguments of that step (e.g. "--B 1024")
+#   GPU_SANITIZE_TOOLS  compute-sanitizer tools of the sanitize step (default: racecheck memcheck)
+#   GPU_SANITIZE_K      its pytest -k expression over tests/test_extension.py and
+#                       tests/test_prologue.py (default: every CUDA test but the error
+#                       paths, the SASS check and opcheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -117,11 +122,11 @@ if want sanitize; then
   # racecheck: shared-memory hazards of the tile epilogues' block merges; memcheck (no
   # caching allocator, so that a read past a tensor's end leaves its allocation): the
   # 16-byte loads at chunk tails. Only the extension's kernels are instrumented.
-  SAN_TESTS=(tests/test_extension.py tests/test_prologue.py -k "cuda and not rejects and not sass and not opcheck")
+  SAN_TESTS=(tests/test_extension.py tests/test_prologue.py -k "${GPU_SANITIZE_K:-cuda and not rejects and not sass and not opcheck}")
   SAN_KERNELS="kns=tile_kernel|project_rows|row_inv_norm|prologue_kernel|margin_terms|normalize_backward|fused_rows|epilogue_kernel"
   PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
   if command -v compute-sanitizer > /dev/null; then
-    for tool in racecheck memcheck; do
+    for tool in ${GPU_SANITIZE_TOOLS:-racecheck memcheck}; do
       for filter in --kernel-regex ""; do  # unfiltered only if this sanitizer rejects the filter
         # (torch reads PYTORCH_NO_CUDA_MEMORY_CACHING as set or unset, not its value)
         env $([ $tool = memcheck ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) \
@@ -155,7 +160,8 @@ fi
 if want profile; then
   echo "== profile: split, variants (t=$(elapsed)s)"
   PB=$(box 150 110 30)
-  timeout $(( PB + 40 )) python bench/gpu_profile.py --parts ${GPU_PROFILE_PARTS:-split variants} --budget-s "$PB" --out "$LOG" \
+  # shellcheck disable=SC2086
+  timeout $(( PB + 40 )) python bench/gpu_profile.py --parts ${GPU_PROFILE_PARTS:-split variants} --budget-s "$PB" --out "$LOG" ${GPU_PROFILE_ARGS:-} \
     > "$LOG/gpu_profile.log" 2>&1
   rc=$?; status+=("profile: rc=$rc (budget ${PB}s)")
 fi

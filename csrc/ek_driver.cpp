@@ -6,6 +6,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -20,19 +21,25 @@ using at::Tensor;
 // rows; 64 MiB (128 rows) was ~10% faster on the GEMMs alone (0.44 s vs 0.63 s for the
 // three) but the acceptance bounds the working memory at 5% of the naive loss's
 // (~1 GiB there): 32 MiB measured 3.1%.
-// CUDA, 24 MiB: on a GPU the training path is the class-chunked one (lse_partials +
-// grads, 4 cuBLAS GEMMs; the fused row blocks would hold ~16 rows of 2^20 classes in
-// this budget and stream W B/16 times).  Measured on an H200 (B=512, C=2^20, D=512,
-// bf16): one cuBLAS GEMM over all classes 0.99 ms; the same work in chunks of 32768
-// classes 1.08-1.14 ms, of 8192 classes 1.74-2.21 ms -- so chunks as long as the memory
-// bound allows.  That bound is 1% of the naive loss's extra memory (4,100 MiB there):
-// 24 MiB (24576 classes at B = 512 bf16) + the C inverse norms stays under it: 38 MiB
-// measured (a 32 MiB block with a 16 MiB fp32 grad_W temporary, since removed: 54 MiB).
-// Override with the op's block_bytes argument or EXPFACE_EXT_BLOCK_BYTES.
+// CUDA: class chunks of 24576 columns whatever B (B x 24576 x the element size, kept
+// within [24 MiB, 96 MiB]).  On a GPU the training path is the class-chunked one
+// (lse_partials + grads, 4 cuBLAS GEMMs), and what a chunk costs is set by its column
+// count: per chunk the backward issues ~10 ATen calls (~130 us of host time measured,
+// H200, B=512, C=2^20, bf16: 5.5 ms of host for 6.0 ms of GPU time over 43 chunks), and
+// cuBLAS is slower on short chunks (one GEMM over all classes 0.83-0.99 ms; in chunks of
+// 32768 classes 1.08-1.15 ms, of 8192 classes 1.67-2.24 ms).  A fixed 24 MiB budget
+// halved the columns at B=1024 (86 chunks, 15.0 ms a step, 0.54x naive).  Memory: the
+// buffer is 24576 / (4 C) of the naive loss's B x C fp32 logits, ~0.6% at C=2^20 for
+// any B (30-32 MiB of extra memory measured at B=512 and 1024 with 24 MiB blocks,
+// against 4,100 / 8,196 MiB for naive).  Override with the op's block_bytes argument
+// or EXPFACE_EXT_BLOCK_BYTES.
 constexpr int64_t kDefaultBlockBytesCPU = int64_t(32) << 20;
-constexpr int64_t kDefaultBlockBytesCUDA = int64_t(24) << 20;
+constexpr int64_t kChunkColumnsCUDA = 24576;
+constexpr int64_t kMinBlockBytesCUDA = int64_t(24) << 20;
+constexpr int64_t kMaxBlockBytesCUDA = int64_t(96) << 20;
 
-int64_t resolve_block_bytes(int64_t block_bytes, const at::Device& device) {
+// rows x esize: the bytes of one logits column (the CUDA default is a column count)
+int64_t resolve_block_bytes(int64_t block_bytes, const at::Device& device, int64_t rows, int64_t esize) {
   if (block_bytes > 0) return block_bytes;
   if (const char* env = std::getenv("EXPFACE_EXT_BLOCK_BYTES")) {
     char* end = nullptr;
@@ -41,7 +48,8 @@ int64_t resolve_block_bytes(int64_t block_bytes, const at::Device& device) {
                 "EXPFACE_EXT_BLOCK_BYTES must be a positive integer (bytes), got '", env, "'");
     return static_cast<int64_t>(v);
   }
-  return device.is_cuda() ? kDefaultBlockBytesCUDA : kDefaultBlockBytesCPU;
+  if (!device.is_cuda()) return kDefaultBlockBytesCPU;
+  return std::clamp(rows * esize * kChunkColumnsCUDA, kMinBlockBytesCUDA, kMaxBlockBytesCUDA);
 }
 
 bool is_float_dtype(at::ScalarType t) {
@@ -185,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   Tensor xc = x_hat.to(c.cd).contiguous();
 
   const int64_t esize = c10::elementSize(c.cd);
-  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device()), c.B, esize, c.n);
+  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device(), c.B, esize), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
@@ -220,7 +228,7 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
   Tensor wr = w.contiguous();
 
   const int64_t esize = c10::elementSize(c.cd);
-  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device()), c.B, esize, c.n);
+  const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device(), c.B, esize), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
@@ -284,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
                                   : at::zeros({c.n, c.D}, w.options().dtype(c.acc));
 
   const int64_t esize = c10::elementSize(c.cd);
-  const int64_t bb = resolve_block_bytes(block_bytes, x_hat.device());
+  const int64_t bb = resolve_block_bytes(block_bytes, x_hat.device(), c.B, esize);
   const int64_t R = std::min<int64_t>(c.B, std::max<int64_t>(1, bb / (c.n * esize)));
   Tensor buf = at::empty({R * c.n}, x_hat.options().dtype(c.cd));
   // class chunk of the low-precision grad_w accumulation (temporary len x D in cd)

@@ -7,7 +7,7 @@
 TORCH_LIBRARY(expface_kernels, m) {
   // Tensors as in the backend contract (expface_kernels/backends.py); block_bytes bounds
   // the logits buffer (0 = default: EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU and
-  // 24 MiB on CUDA, see csrc/ek_driver.cpp).
+  // chunks of 24576 classes on CUDA, see csrc/ek_driver.cpp).
   m.def(
       "lse_partials(Tensor x_hat, Tensor w, Tensor target_logit, Tensor labels, float s, int offset, "
       "int block_bytes=0) -> (Tensor row_max, Tensor row_sumexp, Tensor w_inv_norm)",

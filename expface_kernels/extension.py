@@ -46,8 +46,9 @@ _ops = torch.ops.expface_kernels
 
 BLOCK_BYTES = 0
 """Bound of the kernels' logits buffer in bytes; 0 takes the C++ default
-(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU, 24 MiB on CUDA). Tests lower it to
-force many blocks."""
+(env EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU; on CUDA chunks of 24576 classes,
+i.e. B x 24576 x the element size, within [24, 96] MiB). Tests lower it to force many
+blocks."""
 
 
 def built_with_cuda() -> bool:

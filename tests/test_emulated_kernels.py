@@ -67,6 +67,11 @@ def _chunk(rows, n, dtype, seed, col0=7):
     # target logits across the range of the row's others (|s * L * winv| up to ~50): the
     # target's term is the largest of its row for some rows, negligible for others
     tl = (torch.rand(rows, generator=g, dtype=torch.float64) * 60).float()
+    # the raw logit under each target the largest of its row (s * 2 * winv >= 30 at the
+    # tests' s = 30): a kernel that sums it instead of masking it moves lse by units
+    t = labels - col0
+    for i in torch.nonzero((t >= 0) & (t < n)).squeeze(1).tolist():
+        L[i, t[i]] = 2.0
     return L, winv, labels, tl
 
 
@@ -124,6 +129,7 @@ def test_grads_tile_kernel(emu, dtype, vec, R, rows, n):
         pytest.skip("the vector path needs n % V == 0 (the launcher checks it)")
     s, col0 = 30.0, 7
     L, winv, labels, tl = _chunk(rows, n, dtype, seed=rows + n)
+    L[1, 0] = float("nan")  # in the ignored row: its gradient stays exact zeros
     z, hit, t = _z(L, winv, labels, tl, s, col0)
     lse = (torch.logsumexp(z, 1) + 0.3).float()             # any lse: G's formula is pointwise
     gr = torch.full((rows,), 1.0 / rows)
