@@ -31,6 +31,7 @@
 #                       variants)
 #   GPU_PROFILE_ARGS    extra arguments of that step (e.g. "--B 1024")
 #   GPU_SANITIZE_TOOLS  compute-sanitizer tools of the sanitize step (default: racecheck memcheck)
+#   GPU_SANITIZE_KERNELS  regex of the kernel names it instruments (default: the extension's)
 #   GPU_SANITIZE_K      its pytest -k expression over tests/test_extension.py and
 #                       tests/test_prologue.py (default: every CUDA test but the error
 #                       paths, the SASS check and opcheck)
@@ -123,7 +124,7 @@ if want sanitize; then
   # caching allocator, so that a read past a tensor's end leaves its allocation): the
   # 16-byte loads at chunk tails. Only the extension's kernels are instrumented.
   SAN_TESTS=(tests/test_extension.py tests/test_prologue.py -k "${GPU_SANITIZE_K:-cuda and not rejects and not sass and not opcheck}")
-  SAN_KERNELS="kns=tile_kernel|project_rows|row_inv_norm|prologue_kernel|margin_terms|normalize_backward|fused_rows|epilogue_kernel"
+  SAN_KERNELS="kns=${GPU_SANITIZE_KERNELS:-tile_kernel|project_rows|row_inv_norm|prologue_kernel|margin_terms|normalize_backward|fused_rows|epilogue_kernel}"
   PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
   if command -v compute-sanitizer > /dev/null; then
     for tool in ${GPU_SANITIZE_TOOLS:-racecheck memcheck}; do
