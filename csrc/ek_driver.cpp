@@ -28,11 +28,12 @@ using at::Tensor;
 // H200, B=512, C=2^20, bf16: 5.5 ms of host for 6.0 ms of GPU time over 43 chunks), and
 // cuBLAS is slower on short chunks (one GEMM over all classes 0.83-0.99 ms; in chunks of
 // 32768 classes 1.08-1.15 ms, of 8192 classes 1.67-2.24 ms).  A fixed 24 MiB budget
-// halved the columns at B=1024 (86 chunks, 15.0 ms a step, 0.54x naive).  Memory: the
-// buffer is 24576 / (4 C) of the naive loss's B x C fp32 logits, ~0.6% at C=2^20 for
-// any B (30-32 MiB of extra memory measured at B=512 and 1024 with 24 MiB blocks,
-// against 4,100 / 8,196 MiB for naive).  Override with the op's block_bytes argument
-// or EXPFACE_EXT_BLOCK_BYTES.
+// halved the columns at B=1024 (86 chunks, 15.0 ms a step, 0.54x naive); 24576
+// columns took 12.5 ms there (with 512-thread tile epilogues, H200).  Memory: the
+// buffer grows with B as the naive loss's B x C logits do, so its share stays put:
+// extra memory measured 30 MiB at B=512 and 56 MiB at B=1024 in bf16 (0.73% and 0.68%
+// of the naive loss's 4,100 / 8,196 MiB at C=2^20; the bar is 1%).  Override with the
+// op's block_bytes argument or EXPFACE_EXT_BLOCK_BYTES.
 constexpr int64_t kDefaultBlockBytesCPU = int64_t(32) << 20;
 constexpr int64_t kChunkColumnsCUDA = 24576;
 constexpr int64_t kMinBlockBytesCUDA = int64_t(24) << 20;

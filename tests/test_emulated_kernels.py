@@ -10,13 +10,16 @@ rows, NaN; the fused row kernel; W's norms; both projections; the per-row ops. W
 cannot show: timing, memory-model races, the launchers' choice of R and V (the GPU tests
 in test_extension.py run those). Built once per session (~20 s on 2 cores). The file
 name avoids "cuda" on purpose: bench/gpu_check.sh selects the GPU tests with
-``-k "cuda or gpu"``, and these need no GPU.
+``-k "cuda or gpu"``, and these need no GPU. The last test runs this file again with
+the kernels under AddressSanitizer (a read or write past a tensor's end aborts).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,10 +40,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
     build = tmp_path_factory.mktemp("ek_cuda_emu")
-    return load(name="ek_cuda_emu", sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emu_kernels.cpp")],
-                extra_include_paths=[os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "tests", "cuda_emulation")],
-                extra_cflags=["-O1", "-Wno-unknown-pragmas", "-pthread"], extra_ldflags=["-pthread"],
-                build_directory=str(build), verbose=False)
+    # EK_EMU_ASAN=1: the kernels built with AddressSanitizer, so that a read or write
+    # past a tensor's end stops the test (run python with LD_PRELOAD=$(gcc
+    # -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("EK_EMU_ASAN") == "1" else []
+    preload = os.environ.pop("LD_PRELOAD", None)  # not into the compiler's processes
+    try:
+        return load(name="ek_cuda_emu", sources=[os.path.join(ROOT, "tests", "cuda_emulation", "emu_kernels.cpp")],
+                    extra_include_paths=[os.path.join(ROOT, "csrc", "cuda"),
+                                         os.path.join(ROOT, "tests", "cuda_emulation")],
+                    extra_cflags=["-O1", "-Wno-unknown-pragmas", "-pthread"] + asan,
+                    extra_ldflags=["-pthread"] + asan, build_directory=str(build), verbose=False)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
 
 
 def _rel(got, want):
@@ -266,3 +279,39 @@ def test_normalize_backward_kernel_matches_cpu_op(emu, x_dtype, acc):
     emu.normalize_backward(x, x_inv, gx, out)
     assert _rel(out, want) <= (1e-12 if acc == torch.float64 else 1e-5 if x_dtype == torch.float32 else 1e-2)
     assert math.isfinite(float(out.double().abs().max()))
+
+
+def _asan_runtime():
+    """Paths of libasan and libstdc++ of the compiler torch builds with, or None.
+
+    Both are preloaded into the Python under test: libstdc++ first loaded after libasan
+    leaves ASan's ``__cxa_throw`` interceptor unresolved (it aborts at the first C++
+    exception, seen in Triton's import)."""
+    paths = []
+    for lib in ("libasan.so", "libstdc++.so.6"):
+        try:
+            out = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={lib}"], capture_output=True,
+                                 text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if not (os.path.isabs(out) and os.path.exists(out)):
+            return None
+        paths.append(os.path.realpath(out))
+    return paths
+
+
+@pytest.mark.skipif(os.environ.get("EK_EMU_ASAN") == "1", reason="this is the AddressSanitizer run itself")
+def test_emulated_kernels_clean_under_address_sanitizer(tmp_path):
+    """Every test above again, the kernels built with -fsanitize=address: an index past a
+    row's or tensor's end (a tail bound, a 16-byte load over the end of a chunk, a partial
+    tile) stops the run with a report. Checked: the logsumexp tile's column loop made one
+    vector too long fails here (heap-buffer-overflow). ~75 s on 2 cores."""
+    libs = _asan_runtime()
+    if libs is None:
+        pytest.skip("the C++ compiler ships no AddressSanitizer runtime")
+    env = dict(os.environ, EK_EMU_ASAN="1", LD_PRELOAD=" ".join(libs),
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert r.returncode == 0 and not reports, r.stdout[-3000:] + r.stderr[-2000:] + reports[:4000]

@@ -85,10 +85,11 @@ __global__ void row_inv_norm_kernel(const scalar_t* __restrict__ W, float* __res
 // Single pass here: each thread keeps an online (max, sumexp) per row, merged across
 // the block at the end (merge_partial).  512 threads: with 256 the two kernels took
 // 1.06 and 0.98 ms of that step (2 blocks of 8 warps per SM at B = 512, ~1 TB/s on
-// logits that sit in L2) -- latency-bound; 512 doubles the warps in flight (~60
-// registers a thread: 2 blocks a SM still fit).  The per-element work is branch-free
-// (selects, one rescale exp per vector): the 256-thread loops compiled to ~5 branches
-// per logit (sm_90 SASS).
+// logits that sit in L2) -- bound by issue and latency, not bytes; 512 doubles the
+// warps in flight (<= 64 registers a thread: 2 blocks a SM still fit).  The common
+// path of the loops is branch-free; the target column and ignored rows take rare,
+// block- or vector-uniform branches (the 256-thread loops had ~5 branches a logit).
+// With the log2 form below: 0.53 and 0.49 ms (H200, same step).
 constexpr int kTileThreads = 512;
 constexpr int kTileWarps = kTileThreads / 32;
 
@@ -102,10 +103,10 @@ __device__ __forceinline__ int target_in_vec(int64_t t, int64_t j) {
 // 2^x in the tile loops, which work in log2 units (s * log2(e) * winv folded into one
 // factor per column): one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error ~2^-22;
 // results under 2^-126, i.e. terms 38 decades below the row's largest, flush to 0).
-// The loops spent ~23 instructions a logit with expf and NaN-aware maxima (sm_90 SASS,
-// lse_tile_kernel<bf16, 8, 4>: 1.66 ms for B=1024, C=2^20 on an H200, ~17 us of issue
-// per 48 MiB chunk at 4 schedulers a SM); this form is ~7.  On the host (the CUDA
-// emulation of tests/) it is ek_exp.
+// The loops spent ~25 instructions a logit with expf and NaN-aware maxima (sm_90 SASS
+// of lse_tile_kernel<bf16, 8, 4>'s column loop: 1,613 for 64 logits; 1.66 ms for
+// B=1024, C=2^20 on an H200, ~17 us of issue per 48 MiB chunk); this form ~13 (824).
+// On the host (the CUDA emulation of tests/) it is ek_exp.
 __device__ __forceinline__ float exp2_tile(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
