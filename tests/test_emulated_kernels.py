@@ -41,8 +41,8 @@ def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
     build = tmp_path_factory.mktemp("ek_cuda_emu")
     # EK_EMU_ASAN=1: the kernels built with AddressSanitizer, so that a read or write
-    # past a tensor's end stops the test (run python with LD_PRELOAD=$(gcc
-    # -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+    # past a tensor's end stops the test; the Python running them needs the ASan
+    # runtime preloaded (test_emulated_kernels_clean_under_address_sanitizer sets it up).
     asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("EK_EMU_ASAN") == "1" else []
     preload = os.environ.pop("LD_PRELOAD", None)  # not into the compiler's processes
     try:
