@@ -107,17 +107,17 @@ __device__ __forceinline__ int target_in_vec(int64_t t, int64_t j) {
 // of lse_tile_kernel<bf16, 8, 4>'s column loop: 1,613 for 64 logits; 1.66 ms for
 // B=1024, C=2^20 on an H200, ~17 us of issue per 48 MiB chunk); this form ~13 (824).
 // On the host (the CUDA emulation of tests/) it is ek_exp.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.69314718055994531f;
 __device__ __forceinline__ float exp2_tile(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return ek_exp(x * 0.69314718055994531f);
+  return ek_exp(x * kLn2);
 #endif
 }
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.69314718055994531f;
 
 // V consecutive elements at p as floats: 16-byte loads when V * sizeof(T) is a multiple
 // of 16 (the caller guarantees the alignment), else scalar loads.
