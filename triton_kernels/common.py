@@ -15,6 +15,10 @@ Tensor-core operand dtype ("dot dtype"), chosen on the host from (x_hat.dtype, w
     fp16 + bf16       -> fp32   (rare; neither 16-bit format holds the other's values)
 
 Every accumulator (GEMM, row max / sum-exp, gradients) is fp32.
+
+The epilogues work in log2 units (z * log2(e)), so that each e^(z - m) is one 2^x: on a
+GPU one ``ex2.approx.ftz.f32`` (``exp2``), the same instruction CUDA's ``exp2f`` fast path
+and the extension's tile epilogues use.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .configs import interpreter_active
 
 DOT_FP32 = 0
 DOT_FP16 = 1
@@ -43,6 +49,31 @@ def dot_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 def dot_kind(dtype: torch.dtype) -> int:
     """The DOT_KIND constexpr of a dot dtype."""
     return _KIND[dtype]
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural -> log2 units
+LN2 = tl.constexpr(0.6931471805599453)     # ln(2): log2 -> natural units
+
+
+def fast_exp2(device: torch.device) -> bool:
+    """The FAST_EXP2 constexpr: an NVIDIA GPU, where ``exp2`` may use PTX inline assembly
+    (not the interpreter, which cannot run it, nor ROCm)."""
+    return device.type == "cuda" and not interpreter_active() and torch.version.hip is None
+
+
+@triton.jit
+def exp2(x, FAST: tl.constexpr):
+    """2^x of an fp32 tile. FAST: one ex2.approx.ftz.f32 a element (max error 2 ulp;
+    results below 2^-126 flush to 0 -- a logit that far below its row's max adds nothing
+    to a sum-exp or a gradient). tl.exp2 lowers to the non-ftz ex2.approx.f32, which
+    ptxas wraps in a range test and two rescales: 5 instructions an element instead of 1
+    (SASS of _grad_logits_kernel, sm_90, Triton 3.8). Not FAST: tl.exp2 (interpreter)."""
+    if FAST:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.exp2(x)
+    return y
 
 
 @triton.jit

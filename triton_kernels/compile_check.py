@@ -65,6 +65,79 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     spills = re.findall(r"(\d+) bytes spill stores", err)
     out["registers"] = int(regs[0]) if regs else -1
     out["spill_bytes"] = int(spills[0]) if spills else -1
+    out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared"], tile.num_warps, cap)
+    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), tile.num_warps, cap)
+    return out
+
+
+def _disassemble(cubin: bytes) -> str:
+    """SASS of a cubin (nvdisasm bundled with Triton); '' when it cannot be run."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        tool = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    finally:
+        os.unlink(f.name)
+
+
+# Dense tensor-core FLOPs per clock per SM: H100/H200 989 TFLOP/s bf16 at 1.83 GHz on
+# 132 SMs = 4096 (tf32 half); A100 312 TFLOP/s at 1.41 GHz on 108 SMs = 2048 (tf32 half).
+_MMA_RATE = {90: {"16": 4096, "TF32": 2048}, 80: {"16": 2048, "TF32": 1024}}
+_REGS_PER_SM = 65536
+_MAX_WARPS_PER_SM = {90: 64, 80: 64, 86: 48, 89: 48}
+
+
+def ctas_per_sm(registers: int, shared: int, num_warps: int, cap: int) -> int:
+    """Programs of this kernel resident per SM: bounded by registers (allocated per warp
+    in units of 256), shared memory (plus 1 KB reserved per block) and warp slots."""
+    if registers <= 0:
+        return 0
+    per_warp = -(-registers * 32 // 256) * 256
+    smem = _KINDS[cap][3]
+    return max(0, min(_REGS_PER_SM // (per_warp * num_warps), smem // (shared + 1024),
+                      _MAX_WARPS_PER_SM.get(cap, 48) // num_warps))
+
+
+def mma_loops(sass: str, num_warps: int, cap: int) -> list[dict]:
+    """The innermost SASS loops that issue tensor-core instructions, each with its
+    instruction count per iteration and ``issue_ratio``: the issue cycles the loop's
+    instructions take on one warp scheduler (num_warps / 4 warps each issue all of them)
+    over the tensor-core cycles its MMAs take on the SM. Above ~1 the loop is bound by
+    instruction issue, not by the tensor cores (e.g. the dX loop of the register-operand
+    form, 283 instructions per 64-class step: issue ratio 1.1; with W fed from shared
+    memory, 162: 0.63 -- sm_90, bf16, 8 warps, Triton 3.8)."""
+    lines = sass.splitlines()
+    label_at = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `?\((\.L_x_\d+)\)", ln)
+        if m and m.group(1) in label_at and label_at[m.group(1)] < i:
+            loops.append((label_at[m.group(1)], i))
+    out = []
+    for a, b in loops:
+        if any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops):
+            continue  # not innermost
+        body = [ln for ln in lines[a:b + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+        flops, rate = 0, None
+        for ln in body:
+            # e.g. HGMMA.64x128x16.F32.BF16 (F16 has no suffix), HMMA.16816.F32.BF16
+            g = re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?", ln)
+            h = re.search(r"\bHMMA\.168(\d+)\.F32(?:\.(\w+))?", ln)
+            if g:  # one per warpgroup: num_warps / 4 of them per CTA
+                kind = "TF32" if g.group(4) == "TF32" else "16"
+                flops += 2 * int(g.group(1)) * int(g.group(2)) * int(g.group(3)) * (num_warps // 4)
+            elif h:  # m16 n8 kK, one per warp
+                kind = "TF32" if h.group(2) == "TF32" else "16"
+                flops += 2 * 16 * 8 * int(h.group(1)) * num_warps
+            else:
+                continue
+            rate = _MMA_RATE.get(cap, _MMA_RATE[80])[kind]
+        if flops:
+            issue = len(body) * num_warps / 4
+            out.append({"instructions": len(body), "issue_ratio": issue / (flops / rate)})
     return out
 
 
@@ -158,15 +231,16 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         t = fwd.tile
         jobs.append(("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel,
                      t, lse_sig, dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
-                                      NORMS_IN_LOOP=fwd.norms_in_loop), ""))
+                                      NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True), ""))
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
+        scale_g = gcfg.scale_g and dd != torch.float16  # as grads_backward.grads decides
         jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
                      dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
-                          PERSISTENT=gcfg.g_programs > 0), ""))
+                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
-                          DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K),
+                          DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g),
                      f"+{dx.BLOCK_M}x{dx.BLOCK_N}x{dx.BLOCK_K}"))
     rows, seen = [], set()
     for name, fn, tile, sig, blocks, extra in jobs:
@@ -184,6 +258,10 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     return rows
 
 
+def _loops(loops: list[dict]) -> str:
+    return ", ".join(f"{lp['instructions']}/{lp['issue_ratio']:.2f}" for lp in loops) or "-"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile the Triton kernels for GPUs that are not here.")
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(_KINDS))
@@ -198,7 +276,8 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
         return 2
     bad = 0
-    print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async ring")
+    print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async ring "
+          f"CTA/SM  MMA loops (SASS instructions per iteration / issue ratio)")
     for cap in args.arch:
         for pair in args.dtypes:
             for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
@@ -209,7 +288,8 @@ def main(argv=None) -> int:
                                      if r["ring_hazard"] else "  <-- check")
                 print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
-                      f"{r['async_copies']:5d} {r['ring']:4d}{why}", flush=True)
+                      f"{r['async_copies']:5d} {r['ring']:4d} {r['ctas_per_sm']:6d}  {_loops(r['mma_loops'])}{why}",
+                      flush=True)
     return 1 if bad else 0
 
 

@@ -84,6 +84,10 @@ class GradsConfig:
         small: without splitting the classes it would occupy a handful of SMs).
     max_dx_partial_bytes: cap of the (splits, B, D) fp32 grad_x partial buffers.
     g_programs: programs of the persistent G kernel (0: one per tile).
+    scale_g: the G buffer holds G_ij / ||W_j|| (bf16 and fp32 operands; fp16 keeps G for
+        its range), so that the dX GEMM multiplies raw W tiles -- for a 16-bit W straight
+        from shared memory -- instead of normalising each W tile in registers first
+        (grads_backward's docstring has the instruction counts).
     """
 
     g_tile: GemmTile
@@ -93,6 +97,7 @@ class GradsConfig:
     target_programs: int
     max_dx_partial_bytes: int
     g_programs: int = 0
+    scale_g: bool = True
 
 
 @functools.lru_cache(maxsize=None)
