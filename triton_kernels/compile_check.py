@@ -25,6 +25,7 @@ import sys
 import tempfile
 
 import torch
+import triton
 
 _KINDS = {90: ("hopper", 132, 50 << 20, 227 << 10), 80: ("ampere", 108, 40 << 20, 163 << 10),
           86: ("consumer", 84, 6 << 20, 99 << 10), 89: ("consumer", 128, 72 << 20, 99 << 10)}
@@ -240,7 +241,8 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
                           PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
-                          DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g),
+                          DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
+                          RPART_BLOCK=triton.next_power_of_2(triton.cdiv(B, g.BLOCK_N))),
                      f"+{dx.BLOCK_M}x{dx.BLOCK_N}x{dx.BLOCK_K}"))
     rows, seen = [], set()
     for name, fn, tile, sig, blocks, extra in jobs:

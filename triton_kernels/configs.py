@@ -288,7 +288,7 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
-    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
+    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (128, t.BLOCK_K, 4, 3), (64, t.BLOCK_K, 4, 4),
                                   (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
                                   (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs,
@@ -305,10 +305,21 @@ def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: to
     base = grads_config(device, B, C, D, dot_dtype, load_bytes)
     out = [base]
     g, dw, dx = base.g_tile, base.dw_tile, base.dx_tile
+    # Two programs per SM: 64-row G / dW / dX tiles on 4 warps (sm_90 bf16: 205 / 182
+    # registers, 72 KB of shared memory each in compile_check, Triton 3.6), so that one
+    # program's epilogue overlaps the other's MMAs -- at one 8-warp program per SM the
+    # G kernel's ~1,200-instruction epilogue runs while the tensor cores idle.
+    two = dict(g_tile=GemmTile(g.BLOCK_M, min(g.BLOCK_N, 64), g.BLOCK_K, 4, g.num_stages),
+               dw_tile=GemmTile(dw.BLOCK_M, min(dw.BLOCK_N, 64), dw.BLOCK_K, 4, dw.num_stages),
+               dx_tile=GemmTile(dx.BLOCK_M, min(dx.BLOCK_N, 64), dx.BLOCK_K, 4, dx.num_stages))
     variants = [
+        dict(scale_g=not base.scale_g),  # the other dX operand path (register-scaled W)
         dict(chunk_bytes=base.chunk_bytes * 2),
         dict(chunk_bytes=max(1 << 20, base.chunk_bytes // 2)),
         dict(g_tile=GemmTile(g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages + 1)),
+        {"g_tile": two["g_tile"]},
+        {"dw_tile": two["dw_tile"], "dx_tile": two["dx_tile"]},
+        two,
         dict(dw_tile=GemmTile(dw.BLOCK_M, dw.BLOCK_N, dw.BLOCK_K, 4, dw.num_stages + 1),
              dx_tile=GemmTile(dx.BLOCK_M, dx.BLOCK_N, dx.BLOCK_K, 4, dx.num_stages + 1)),
         dict(max_dx_partial_bytes=base.max_dx_partial_bytes * 2),

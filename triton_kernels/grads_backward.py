@@ -168,8 +168,10 @@ def _grad_w_tile(
     num_rpart, num_feat_tiles,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
+    RPART_BLOCK: tl.constexpr,
 ):
-    """grad_W for chunk classes [pid_c*BC, +BC) x features [pid_d*BD, +BD); K over B."""
+    """grad_W for chunk classes [pid_c*BC, +BC) x features [pid_d*BD, +BD); K over B.
+    RPART_BLOCK: a power of two >= num_rpart (the G kernel's row tiles)."""
     pid_d = pid % num_feat_tiles
     pid_c = pid // num_feat_tiles
     lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -178,6 +180,19 @@ def _grad_w_tile(
     cols64 = lcols64 + c0
     feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     f_ok = feats < D
+
+    # The projection's operands are loaded before the K loop, so that their latency (W's
+    # tile from L2 or HBM, the r partials of every G row tile in one 2-D load) overlaps
+    # the MMAs instead of stalling the epilogue.
+    parts = tl.arange(0, RPART_BLOCK)
+    r = tl.sum(tl.load(rpart_ptr + parts[:, None] * stride_rp + lcols[None, :],
+                       mask=(parts < num_rpart)[:, None] & col_ok[None, :], other=0.0), axis=0)
+    inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+    ok2 = col_ok[:, None] & f_ok[None, :]
+    wt = tl.load(w_ptr + cols64[:, None] * stride_wc + feats[None, :], mask=ok2, other=0.0)
+    # grad_W_j = inv_j * (g_j - w_hat_j * r_j) = inv_j * g_j - W_j * (r_j * inv_j^2); no
+    # radial projection where the norm was clamped (F.normalize's backward).
+    q = tl.where(inv < 1e12, r * inv * inv, 0.0)
 
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     g_row_ptr = g_ptr + lcols64[:, None] * stride_gc
@@ -190,19 +205,10 @@ def _grad_w_tile(
         acc = tl.dot(cast_for_dot(gt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
                      input_precision=INPUT_PRECISION)
 
-    r = tl.zeros([BLOCK_C], tl.float32)
-    for p in range(0, num_rpart):
-        r += tl.load(rpart_ptr + p * stride_rp + lcols, mask=col_ok, other=0.0)
-    inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
-    ok2 = col_ok[:, None] & f_ok[None, :]
-    wt = tl.load(w_ptr + cols64[:, None] * stride_wc + feats[None, :], mask=ok2, other=0.0)
-    w_hat = wt.to(tl.float32) * inv[:, None]
-    # F.normalize's backward: no radial projection where the norm was clamped.
-    r = tl.where(inv < 1e12, r, 0.0)
     if SCALE_G:
-        out = acc - w_hat * (r * inv)[:, None]  # acc = inv_j * g_j already
+        out = acc - wt.to(tl.float32) * q[:, None]  # acc = inv_j * g_j already
     else:
-        out = (acc - w_hat * r[:, None]) * inv[:, None]
+        out = acc * inv[:, None] - wt.to(tl.float32) * q[:, None]
     tl.store(gw_ptr + cols64[:, None] * stride_gwc + feats[None, :],
              out.to(gw_ptr.dtype.element_ty), mask=ok2)
 
@@ -266,6 +272,7 @@ def _grad_wx_kernel(
     DW_C: tl.constexpr, DW_D: tl.constexpr, DW_K: tl.constexpr,
     DX_D: tl.constexpr, DX_B: tl.constexpr, DX_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
+    RPART_BLOCK: tl.constexpr,
 ):
     """One launch for the two GEMMs that read a chunk's G^T: programs [0, num_dx_programs)
     do grad_x split-K tiles (the longer ones, first), the rest grad_W tiles. They are
@@ -281,7 +288,7 @@ def _grad_wx_kernel(
         _grad_w_tile(pid - num_dx_programs, g_ptr, x_ptr, w_ptr, winv_ptr, rpart_ptr, gw_ptr,
                      B, D, c0, cn, stride_gc, stride_xb, stride_wc, stride_gwc, stride_rp,
                      num_rpart, dw_feat_tiles,
-                     DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION, SCALE_G)
+                     DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION, SCALE_G, RPART_BLOCK)
 
 
 def chunk_plan(B: int, C: int, D: int, g_elem: int, cfg: configs.GradsConfig
@@ -390,6 +397,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
             DW_C=tw.BLOCK_M, DW_D=tw.BLOCK_N, DW_K=tw.BLOCK_K,
             DX_D=tx.BLOCK_M, DX_B=tx.BLOCK_N, DX_K=tx.BLOCK_K,
             DOT_KIND=kind, INPUT_PRECISION=prec, SCALE_G=scale_g,
+            RPART_BLOCK=triton.next_power_of_2(g_rows),
             # one config for both tile kinds: the larger warp count, the smaller stage count
             num_warps=max(tw.num_warps, tx.num_warps), num_stages=min(tw.num_stages, tx.num_stages),
         )

@@ -114,19 +114,19 @@ def _lse_partials_kernel(
             tl.store(winv_ptr + cols64, inv, mask=col_ok & (pid_m == 0))
         else:
             inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
-        # z2 = c * s * log2(e): one FMUL a logit.
-        z = acc * (inv * (s * LOG2E))[None, :]
+        # z2 = c * s * log2(e): one FMUL a logit. The margin's target logit is substituted
+        # inside the tile (never s*c then a correction of the logsumexp: that cancels
+        # badly as p_y -> 1). A row's target lies in one of the C / BLOCK_N tiles, and
+        # only the last tile has padding columns: the per-logit selects run only in the
+        # tiles that need them (one if/else, so that one (BM, BN) tile stays live).
+        a = inv * (s * LOG2E)
         t_lo = t * BLOCK_N
-        if t_lo + BLOCK_N > C:
-            # The last class tile: its padding columns out of the max and the sum.
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-        # The margin's target logit substituted inside the tile (never s*c then a
-        # correction of the logsumexp: that cancels badly as p_y -> 1). A row's target
-        # lies in one of the C / BLOCK_N tiles: the per-logit compare runs only in tiles
-        # that hold a target of this row tile.
         hit = (tcol >= t_lo) & (tcol < t_lo + BLOCK_N)
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
-            z = tl.where(cols[None, :] == tcol[:, None], tlogit2[:, None], z)
+        if (tl.max(hit.to(tl.int32), axis=0) > 0) | (t_lo + BLOCK_N > C):
+            z = tl.where(cols[None, :] == tcol[:, None], tlogit2[:, None], acc * a[None, :])
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+        else:
+            z = acc * a[None, :]
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         # Each tile has >= 1 valid column, so m_new > -inf for any finite row and
         # 2^(m_i - m_new) is 0 on the first tile rather than NaN. NaN logits make
