@@ -288,7 +288,7 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
-    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (128, t.BLOCK_K, 4, 3), (64, t.BLOCK_K, 4, 4),
+    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
                                   (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
                                   (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs,
