@@ -320,6 +320,65 @@ def test_ring_hazard_detector_flags_the_in_loop_norms_on_hopper():
     assert not found["False"]["ring_hazard"] and found["False"]["ring"] == 3, found
 
 
+def test_compile_check_counts_loop_issue_and_occupancy():
+    """compile_check's SASS analysis on a hand-written loop nest: only the innermost MMA
+    loop is reported, with its instructions and issue cycles over tensor-core cycles;
+    programs per SM from registers, shared memory and warp slots."""
+    from expface_kernels.triton_kernels import compile_check as cc
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IMAD R2, R2, 0x1, R3 ;
+.L_x_1:
+        /*0020*/                   WARPGROUP.ARRIVE ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4].tnspB, R24 ;
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*0050*/                   IADD3 R4, R4, 0x1, RZ ;
+        /*0060*/              @!P0 BRA `(.L_x_1) ;
+        /*0070*/                   FADD R5, R5, R6 ;
+        /*0080*/              @P1 BRA `(.L_x_0) ;
+        /*0090*/                   EXIT ;
+"""
+    loops = cc.mma_loops(sass, num_warps=8, cap=90)
+    # 5 instructions x 2 warps a scheduler = 10 issue cycles; 2 HGMMA x 2 warpgroups x
+    # 2*64*128*16 flops = 1,048,576 flops at 4096 a cycle = 256 tensor-core cycles.
+    assert loops == [{"instructions": 5, "issue_ratio": 10 / 256}]
+    assert cc.mma_loops(sass, num_warps=8, cap=86) == [{"instructions": 5, "issue_ratio": None}]
+    assert cc.mma_loops(sass.replace("HGMMA", "FMUL"), num_warps=8, cap=90) == []
+    assert cc.ctas_per_sm(255, 96 << 10, 4, 90) == 2   # registers and shared memory: 2
+    assert cc.ctas_per_sm(255, 96 << 10, 8, 90) == 1   # 8 warps x 32 x 256 registers: 1
+    assert cc.ctas_per_sm(128, 16 << 10, 4, 86) == 4   # registers: 4 (shared memory: 5)
+    assert cc.ctas_per_sm(-1, 0, 4, 90) == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
+def test_dx_loop_takes_w_from_shared_memory_on_hopper():
+    """GradsConfig.scale_g: with G scaled by 1/||W_j|| the dX loop multiplies the W tile as
+    loaded, straight from shared memory (issue ratio < 0.8 on sm_90, bf16); with the
+    W tile normalised in registers first it is issue-bound (> 1). Compiled with the
+    bundled ptxas in a subprocess, outside the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json\n"
+            "from expface_kernels.triton_kernels.compile_check import check\n"
+            "rows = [r for r in check(90, 'bf16', 512, 1 << 20, 512, True) if r['kernel'] == 'grad_wx'\n"
+            "        and r['tile'] == '128x128x64+128x128x64' and r['warps'] == 8]\n"
+            "print('RESULT' + json.dumps([[r['constexprs']['SCALE_G'], [lp['issue_ratio'] for lp in r['mma_loops']]]\n"
+            "                             for r in rows]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
+        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = dict((scaled, ratios) for scaled, ratios in json.loads(proc.stdout.split("RESULT", 1)[1]))
+    assert set(found) == {True, False}, found
+    assert len(found[True]) == 2 and max(found[True]) < 0.8, found   # dX and dW loops
+    assert max(found[False]) > 1.0, found
+
+
 @pytest.mark.parametrize("kind", ["hopper", "ampere", "consumer"])
 def test_gpu_config_candidates_are_all_correct(kind, monkeypatch):
     """Every launch config the GPU heuristics or the autotuner can pick (Hopper/Ampere/

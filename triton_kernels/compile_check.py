@@ -86,6 +86,7 @@ def _disassemble(cubin: bytes) -> str:
 
 # Dense tensor-core FLOPs per clock per SM: H100/H200 989 TFLOP/s bf16 at 1.83 GHz on
 # 132 SMs = 4096 (tf32 half); A100 312 TFLOP/s at 1.41 GHz on 108 SMs = 2048 (tf32 half).
+# Other chips (sm_86/89: lower and SKU-dependent rates) get no issue ratio ("?").
 _MMA_RATE = {90: {"16": 4096, "TF32": 2048}, 80: {"16": 2048, "TF32": 1024}}
 _REGS_PER_SM = 65536
 _MAX_WARPS_PER_SM = {90: 64, 80: 64, 86: 48, 89: 48}
@@ -135,10 +136,10 @@ def mma_loops(sass: str, num_warps: int, cap: int) -> list[dict]:
                 flops += 2 * 16 * 8 * int(h.group(1)) * num_warps
             else:
                 continue
-            rate = _MMA_RATE.get(cap, _MMA_RATE[80])[kind]
+            rate = _MMA_RATE[cap][kind] if cap in _MMA_RATE else None
         if flops:
             issue = len(body) * num_warps / 4
-            out.append({"instructions": len(body), "issue_ratio": issue / (flops / rate)})
+            out.append({"instructions": len(body), "issue_ratio": issue / (flops / rate) if rate else None})
     return out
 
 
@@ -255,13 +256,14 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         r = compile_one(fn, sig, const, cap, tile)
         shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}" + extra
         r.update(kernel=name, arch=f"sm_{cap}", dtypes=pair, tile=shown,
-                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit)
+                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks)
         rows.append(r)
     return rows
 
 
 def _loops(loops: list[dict]) -> str:
-    return ", ".join(f"{lp['instructions']}/{lp['issue_ratio']:.2f}" for lp in loops) or "-"
+    return ", ".join(f"{lp['instructions']}/" + (f"{lp['issue_ratio']:.2f}" if lp["issue_ratio"] else "?")
+                     for lp in loops) or "-"
 
 
 def main(argv=None) -> int:
