@@ -13,10 +13,10 @@ Kernel plan (one launch + a tiny finalize):
 
     The tile's epilogue works in log2 units (z * log2(e), one ex2 a logit, common.exp2),
     masks padding columns only in the last class tile and substitutes the target logit
-    only in tiles that hold a target of the row tile: ~1,120 SASS instructions a tile
-    on the common path instead of ~2,060 (sm_90, bf16, 128x256 tiles, 8 warps: the
-    tile's MMAs take ~8,200 tensor-core cycles, its epilogue ~2 x 1,120 issue cycles
-    per scheduler, not overlapped with them at one program per SM).
+    only in tiles that hold a target of the row tile: ~1,055 SASS instructions a tile
+    on the common path instead of ~2,060 (sm_90, bf16, 128x256 tiles, 8 warps, Triton
+    3.6: the tile's MMAs take ~8,200 tensor-core cycles, its epilogue ~2 x 1,055 issue
+    cycles per scheduler, not overlapped with them at one program per SM).
     finalize: M = max_split m, S = sum_split l * exp(m - M)     (no atomics, no locks)
 
 The row tiles of one split are consecutive program ids, so they run together and walk
