@@ -239,20 +239,28 @@ def test_bad_lengths_raise_before_launch():
                              a["grad_row"], 30.0, 0)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
-def test_kernels_compile_for_hopper_and_ampere():
-    """Without a GPU: compile the kernels for sm_90 / sm_80 with the configs' default tiles
-    (bundled ptxas) -- no register spills, shared memory within the SM, pipelined loads."""
+def _compile_for_cuda(args, timeout=900):
+    """Run ``python args`` outside the interpreter (kernels compiled for a GPU that is not
+    here, with the bundled ptxas); skip where that cannot compile, else fail on an error.
+    Returns the JSON the script printed after ``RESULT`` (None if it printed none)."""
+    import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "expface_kernels.triton_kernels.compile_check",
-                           "--arch", "90", "80", "--dtypes", "bf16", "fp16-fp32"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
         pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.split("RESULT", 1)[1]) if "RESULT" in proc.stdout else None
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
+def test_kernels_compile_for_hopper_and_ampere():
+    """Without a GPU: compile the kernels for sm_90 / sm_80 with the configs' default tiles
+    (bundled ptxas) -- no register spills, shared memory within the SM, pipelined loads."""
+    _compile_for_cuda(["-m", "expface_kernels.triton_kernels.compile_check", "--arch", "90", "80",
+                       "--dtypes", "bf16", "fp16-fp32"], timeout=600)
 
 
 _RING_SCRIPT = """
@@ -278,10 +286,6 @@ print("RESULT" + json.dumps(out))
 def test_no_autotune_candidate_races_on_hopper():
     """Every Hopper launch config the autotuner may pick (bf16, fp16, tf32 fp32): no
     shared-memory ring a wgmma reads is shallower than the stages (compile_check)."""
-    import json
-    import subprocess
-    import sys
-
     code = ("import json, os\n"
             "from expface_kernels.triton_kernels.compile_check import check\n"
             "rows = check(90, 'bf16', 1024, 1 << 20, 512, True) + check(90, 'fp16', 512, 1 << 20, 512, True)\n"
@@ -289,12 +293,7 @@ def test_no_autotune_candidate_races_on_hopper():
             "rows += check(90, 'fp32', 512, 1 << 20, 512, True)\n"
             "print('RESULT' + json.dumps([[r['kernel'], r['tile'], r['warps'], r['stages'], r['ring'],\n"
             "                              r['ring_hazard']] for r in rows]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout.split("RESULT", 1)[1])
+    rows = _compile_for_cuda(["-c", code])
     assert len(rows) >= 10
     assert not [r for r in rows if r[-1]], rows
 
@@ -305,17 +304,7 @@ def test_ring_hazard_detector_flags_the_in_loop_norms_on_hopper():
     2-deep W ring under a wgmma left in flight (the race seen on an H200); with the norms
     from the separate pass every ring a wgmma reads is 3 deep. Compiled for sm_90 with
     the bundled ptxas, outside the interpreter (a subprocess)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = json.loads(proc.stdout.split("RESULT", 1)[1])
+    found = _compile_for_cuda(["-c", _RING_SCRIPT], timeout=600)
     assert found["True"]["wgmma_in_flight"] and found["True"]["ring_hazard"], found
     assert not found["False"]["ring_hazard"] and found["False"]["ring"] == 3, found
 
@@ -358,22 +347,13 @@ def test_dx_loop_takes_w_from_shared_memory_on_hopper():
     loaded, straight from shared memory (issue ratio < 0.8 on sm_90, bf16); with the
     W tile normalised in registers first it is issue-bound (> 1). Compiled with the
     bundled ptxas in a subprocess, outside the interpreter."""
-    import json
-    import subprocess
-    import sys
-
     code = ("import json\n"
             "from expface_kernels.triton_kernels.compile_check import check\n"
             "rows = [r for r in check(90, 'bf16', 512, 1 << 20, 512, True) if r['kernel'] == 'grad_wx'\n"
             "        and r['tile'] == '128x128x64+128x128x64' and r['warps'] == 8]\n"
             "print('RESULT' + json.dumps([[r['constexprs']['SCALE_G'], [lp['issue_ratio'] for lp in r['mma_loops']]]\n"
             "                             for r in rows]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip(f"cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = dict((scaled, ratios) for scaled, ratios in json.loads(proc.stdout.split("RESULT", 1)[1]))
+    found = dict((scaled, ratios) for scaled, ratios in _compile_for_cuda(["-c", code]))
     assert set(found) == {True, False}, found
     assert len(found[True]) == 2 and max(found[True]) < 0.8, found   # dX and dW loops
     assert max(found[False]) > 1.0, found

@@ -236,7 +236,7 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
                                       NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True), ""))
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
-        scale_g = gcfg.scale_g and dd != torch.float16  # as grads_backward.grads decides
+        scale_g = gb.scales_g(gcfg, dd)
         jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
                      dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
                           PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True), ""))

@@ -292,6 +292,13 @@ def _grad_wx_kernel(
                      DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION, SCALE_G, RPART_BLOCK)
 
 
+def scales_g(cfg: configs.GradsConfig, dot_dtype: torch.dtype) -> bool:
+    """The SCALE_G constexpr: G * inv_j in the buffer where the config asks for it and its
+    range is safe -- in fp16 (max 65504) G_ij up to s * grad_row_i times an inverse norm
+    up to 1e12 would overflow."""
+    return cfg.scale_g and dot_dtype != torch.float16
+
+
 def chunk_plan(B: int, C: int, D: int, g_elem: int, cfg: configs.GradsConfig
                ) -> tuple[int, int, int]:
     """(classes per chunk, grad_x splits, classes per split) of a backward.
@@ -360,9 +367,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
                               config=cfg))
     cfg = config or configs.grads_config(dev, B, C, D, dd, lb)
     g_elem = torch.empty((), dtype=dd).element_size()
-    # G * inv_j in the buffer only where its range is safe: in fp16 (max 65504) G_ij up to
-    # s * grad_row_i times an inverse norm up to 1e12 would overflow.
-    scale_g = cfg.scale_g and dd != torch.float16
+    scale_g = scales_g(cfg, dd)
     chunk, splits, per = chunk_plan(B, C, D, g_elem, cfg)
     chunk = min(chunk, C)
 
