@@ -219,8 +219,8 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
     grad_logits_sig = dict(
-        x_ptr=X, w_ptr=W, winv_ptr=f32p, labels_ptr="*i64", lse_ptr=f32p, tgrad_ptr=f32p,
-        grow_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32, offset=i32,
+        x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
+        gs_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32,
         s="fp32", stride_xb=i32, stride_wc=i32, stride_gc=i32, stride_rp=i32, num_row_tiles=i32)
     grad_wx_sig = dict(
         g_ptr=G, x_ptr=X, w_ptr=W, winv_ptr=f32p, rpart_ptr=f32p, gw_ptr=W, part_ptr=f32p,
@@ -233,17 +233,22 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         t = fwd.tile
         jobs.append(("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel,
                      t, lse_sig, dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
-                                      NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True), ""))
+                                      NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True,
+                                      EVEN_K=D % t.BLOCK_K == 0), ""))
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
         scale_g = gb.scales_g(gcfg, dd)
         jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
                      dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
-                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True), ""))
+                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
+                          EVEN_K=D % g.BLOCK_K == 0), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
                           DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
-                          RPART_BLOCK=triton.next_power_of_2(triton.cdiv(B, g.BLOCK_N))),
+                          RPART_BLOCK=triton.next_power_of_2(triton.cdiv(B, g.BLOCK_N)),
+                          DW_EVEN=(B % dw.BLOCK_K == 0) and (D % dw.BLOCK_N == 0),
+                          DX_EVEN=(C % dx.BLOCK_K == 0) and (D % dx.BLOCK_M == 0)
+                          and (B % dx.BLOCK_N == 0)),
                      f"+{dx.BLOCK_M}x{dx.BLOCK_N}x{dx.BLOCK_K}"))
     rows, seen = [], set()
     for name, fn, tile, sig, blocks, extra in jobs:

@@ -152,8 +152,12 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
     # sm_90 with the bundled ptxas: K step 64 with an fp32 W takes 128 KB and spills).
     half = max(_elem(dot_dtype), load_bytes) == 2
     # Exact fp32 (torch's default allow_tf32=False): tl.dot runs on FMA units, whose
-    # operand fragments live in registers -- K step 16 keeps 128x128 tiles spill-free
-    # (K step 32 spilled on sm_80/sm_90 in compile_check).
+    # operand fragments live in registers -- K step 16 for 128x128 tiles (K step 32
+    # spilled on sm_80/sm_90 in compile_check). At K step 16 the forward is
+    # spill-free; the G and dW/dX kernels still spill 4-44 bytes (sm_80/sm_90, Triton
+    # 3.6 and 3.8, B = 512, 2026-12-02; 4-128, the forward included, before the loads
+    # lost their M/N masks).
+    # Exact fp32 runs on FMA units at a small fraction of the tensor-core rate anyway.
     fma = dot_dtype == torch.float32 and dot_input_precision(dot_dtype, device) == "ieee"
     # Rows: the batch is small (<= a few thousand); 128-row tiles for B >= 128 are the
     # wgmma/mma sweet spot; smaller batches get a smaller M (>= 16, tl.dot's minimum) so

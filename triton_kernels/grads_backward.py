@@ -46,30 +46,35 @@ that hold a target of the tile's rows.
 
 4 GEMM-equivalents in all (forward, recompute, dW, dX). Extra memory: gbuf (budget) +
 rpart (row_tiles x chunk fp32) + part (splits x B x D fp32, capped) -- O(B*D + chunk*B).
-All offsets int64. Every load and every edge tile's store is masked.
+All offsets int64. A GEMM operand is masked only where a launch can be ragged (a short
+last K step; the contiguous dimension of the dW/dX tiles unless every dimension is
+full); its strided dimension is clamped into range instead (common.load_tile). Every
+edge tile's store is masked.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import autotune, configs
-from .common import LOG2E, cast_for_dot, check_vectors, dot_dtype, dot_kind, exp2, fast_exp2
+from .common import (LOG2E, block_targets, cast_for_dot, check_vectors, dot_dtype, dot_kind,
+                     exp2, fast_exp2, load_tile)
 
 
 @triton.jit
 def _grad_logits_kernel(
-    x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr, grow_ptr,
+    x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr,
     g_ptr, rpart_ptr,
-    B, D, c0, cn, offset, s,
+    B, D, c0, cn, s,
     stride_xb, stride_wc, stride_gc, stride_rp,
     num_row_tiles,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
-    SCALE_G: tl.constexpr, FAST_EXP2: tl.constexpr,
+    SCALE_G: tl.constexpr, FAST_EXP2: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """G^T tiles: classes [pid_c*BC, +BC) x rows [pid_b*BB, +BB) of the chunk c0..c0+cn.
 
@@ -81,70 +86,77 @@ def _grad_logits_kernel(
     if PERSISTENT:
         n_tiles = tl.cdiv(cn, BLOCK_C) * num_row_tiles
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
-            _grad_logits_tile(tile, x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr,
-                              grow_ptr, g_ptr, rpart_ptr, B, D, c0, cn, offset, s,
+            _grad_logits_tile(tile, x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr,
+                              gs_ptr, g_ptr, rpart_ptr, B, D, c0, cn, s,
                               stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
-                              BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2)
+                              BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2,
+                              EVEN_K)
     else:
-        _grad_logits_tile(tl.program_id(0), x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr,
-                          tgrad_ptr, grow_ptr, g_ptr, rpart_ptr, B, D, c0, cn, offset, s,
+        _grad_logits_tile(tl.program_id(0), x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr,
+                          tgrad_ptr, gs_ptr, g_ptr, rpart_ptr, B, D, c0, cn, s,
                           stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
-                          BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2)
+                          BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2,
+                          EVEN_K)
 
 
 @triton.jit
 def _grad_logits_tile(
     pid,
-    x_ptr, w_ptr, winv_ptr, labels_ptr, lse_ptr, tgrad_ptr, grow_ptr,
+    x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr,
     g_ptr, rpart_ptr,
-    B, D, c0, cn, offset, s,
+    B, D, c0, cn, s,
     stride_xb, stride_wc, stride_gc, stride_rp,
     num_row_tiles,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
-    FAST_EXP2: tl.constexpr,
+    FAST_EXP2: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_b = pid % num_row_tiles  # row tiles of one class tile adjacent: W tile read once
     pid_c = pid // num_row_tiles
     lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # class inside the chunk
     col_ok = lcols < cn
-    cols64 = lcols.to(tl.int64) + c0                 # class inside the block
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    rows64 = rows.to(tl.int64)
 
+    # The GEMM's loads are unmasked in M and N: padding classes / rows read the last
+    # valid one (clamped), and their results are never stored (see the epilogue), so
+    # only a ragged K step needs a mask -- none when D % BLOCK_K == 0 (EVEN_K).
     acc = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)   # S^T = W @ x_hat^T
-    w_row_ptr = w_ptr + cols64[:, None] * stride_wc
-    x_col_ptr = x_ptr + rows64[None, :] * stride_xb
+    w_row_ptr = w_ptr + (tl.minimum(lcols, cn - 1).to(tl.int64) + c0)[:, None] * stride_wc
+    x_col_ptr = x_ptr + tl.minimum(rows, B - 1).to(tl.int64)[None, :] * stride_xb
     for k in range(0, D, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        wt = tl.load(w_row_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        xt = tl.load(x_col_ptr + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        wt = load_tile(w_row_ptr + ks[None, :], (ks < D)[None, :], not EVEN_K)
+        xt = load_tile(x_col_ptr + ks[:, None], (ks < D)[:, None], not EVEN_K)
         acc = tl.dot(cast_for_dot(wt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
                      input_precision=INPUT_PRECISION)
 
-    inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
-    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
-    # Target column relative to the chunk, in int64, then int32 (-1 when not in the
-    # chunk): the per-element compare below is int32 (register pressure of the epilogue).
-    tcol = labels - offset - c0
-    tcol = tl.where((tcol >= 0) & (tcol < cn), tcol, -1).to(tl.int32)
-    lse2 = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
-    gs = tl.load(grow_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32) * s
-    tgrad = tl.load(tgrad_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    inv = tl.load(winv_ptr + lcols.to(tl.int64) + c0, mask=col_ok, other=0.0).to(tl.float32)
+    # Per-row operands as the host prepared them (grads: one op each per call, not per
+    # tile), padded to whole row tiles so that the loads need no mask: the target column
+    # inside the block (int32 where C < 2^31; -1: ignored, another block, padding),
+    # lse * log2(e) (padding +inf), grad_row * s and target_grad (padding 0). In this
+    # (classes x rows) tile each thread holds 32 of the 128 rows, so each per-row
+    # multiply, int64 compare or masked load done here would cost 32 instructions a
+    # thread a tile. Padding rows get p = 2^-inf = 0 and gs = 0: their G and their share
+    # of r are 0 although their (clamped) logits are real ones.
+    tcol = tl.load(tcol_ptr + rows)
+    lse2 = tl.load(lse2_ptr + rows)
+    gs = tl.load(gs_ptr + rows)
+    tgrad = tl.load(tgrad_ptr + rows)
 
     # fp32 all the way: p = exp(s*c - lse) = 2^(acc * inv*s*log2(e) - lse*log2(e)) <= 1
-    # (one FFMA and one ex2 a logit), G = grad_row * s * p. Padding rows have grad_row
-    # 0, so their G is 0; padding columns (inv 0) are never stored.
+    # (one FFMA and one ex2 a logit), G = grad_row * s * p. Padding columns (inv 0) are
+    # never stored, and r is summed per column.
     g = gs[None, :] * exp2(acc * (inv * (s * LOG2E))[:, None] - lse2[None, :], FAST_EXP2)
     # Target column: (p - 1) * factor * grad_row, formed by the caller before any rounding.
     # A row's target lies in one class tile: the per-logit compare only in tiles that
     # hold a target of these rows.
     c_lo = pid_c * BLOCK_C
-    hit = (tcol >= c_lo) & (tcol < c_lo + BLOCK_C)
+    b_lo = c0 + c_lo  # the tile's first class inside the block
+    hit = (tcol >= b_lo) & (tcol < b_lo + BLOCK_C)
     if tl.max(hit.to(tl.int32), axis=0) > 0:
-        g = tl.where(lcols[:, None] == tcol[None, :], tgrad[None, :], g)
+        g = tl.where((b_lo + tl.arange(0, BLOCK_C))[:, None] == tcol[None, :], tgrad[None, :], g)
     # SCALE_G: the buffer holds G_ij * inv_j (see the module docstring), rounded once.
     g_out = (g * inv[:, None] if SCALE_G else g).to(g_ptr.dtype.element_ty)
     # int64 tile base + int32 in-tile offsets (BLOCK_C * B < 2^31): cheaper addresses.
@@ -169,10 +181,12 @@ def _grad_w_tile(
     num_rpart, num_feat_tiles,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
-    RPART_BLOCK: tl.constexpr,
+    RPART_BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):
     """grad_W for chunk classes [pid_c*BC, +BC) x features [pid_d*BD, +BD); K over B.
-    RPART_BLOCK: a power of two >= num_rpart (the G kernel's row tiles)."""
+    RPART_BLOCK: a power of two >= num_rpart (the G kernel's row tiles). EVEN: B and D
+    are multiples of BLOCK_K and BLOCK_D (the GEMM's loads need no mask; the chunk's
+    classes past cn are clamped)."""
     pid_d = pid % num_feat_tiles
     pid_c = pid // num_feat_tiles
     lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -196,13 +210,13 @@ def _grad_w_tile(
     q = tl.where(inv < 1e12, r * inv * inv, 0.0)
 
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    g_row_ptr = g_ptr + lcols64[:, None] * stride_gc
+    g_row_ptr = g_ptr + tl.minimum(lcols, cn - 1).to(tl.int64)[:, None] * stride_gc
     for k in range(0, B, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < B
-        gt = tl.load(g_row_ptr + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + ks.to(tl.int64)[:, None] * stride_xb + feats[None, :],
-                     mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        gt = load_tile(g_row_ptr + ks[None, :], k_ok[None, :], not EVEN)
+        xt = load_tile(x_ptr + ks.to(tl.int64)[:, None] * stride_xb + feats[None, :],
+                       k_ok[:, None] & f_ok[None, :], not EVEN)
         acc = tl.dot(cast_for_dot(gt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
                      input_precision=INPUT_PRECISION)
 
@@ -223,9 +237,12 @@ def _grad_x_tile(
     k_per_split, num_feat_tiles, num_row_tiles,
     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """part[split, rows, feats]^T += W_hat^T[feats, split's classes] @ G^T[split's classes, rows]
-    (SCALE_G: W^T @ (G * inv)^T, the same product with W's scale carried by the buffer)."""
+    (SCALE_G: W^T @ (G * inv)^T, the same product with W's scale carried by the buffer).
+    EVEN: the chunk's class count, D and B are multiples of BLOCK_K, BLOCK_D and BLOCK_B
+    (the GEMM's loads need no mask)."""
     pid_d = pid % num_feat_tiles
     rest = pid // num_feat_tiles
     pid_b = rest % num_row_tiles
@@ -244,17 +261,17 @@ def _grad_x_tile(
         k_ok = ks < k_end
         lks64 = ks.to(tl.int64)
         cols64 = lks64 + c0
-        wt = tl.load(w_ptr + cols64[None, :] * stride_wc + feats[:, None],
-                     mask=f_ok[:, None] & k_ok[None, :], other=0.0)
-        gt = tl.load(g_ptr + lks64[:, None] * stride_gc + rows64[None, :],
-                     mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        wt = load_tile(w_ptr + cols64[None, :] * stride_wc + feats[:, None],
+                       f_ok[:, None] & k_ok[None, :], not EVEN)
+        gt = load_tile(g_ptr + lks64[:, None] * stride_gc + rows64[None, :],
+                       k_ok[:, None] & row_ok[None, :], not EVEN)
         if SCALE_G:
             # W's tile goes to the tensor cores as loaded (16-bit W: straight from shared
             # memory, no pass through registers).
             a = cast_for_dot(wt, DOT_KIND)
         else:
             # Normalise W in fp32 before the cast: w_hat has |entries| <= 1, safe in fp16.
-            inv = tl.load(winv_ptr + cols64, mask=k_ok, other=0.0).to(tl.float32)
+            inv = load_tile(winv_ptr + cols64, k_ok, not EVEN).to(tl.float32)
             a = cast_for_dot(wt.to(tl.float32) * inv[None, :], DOT_KIND)
         acc = tl.dot(a, cast_for_dot(gt, DOT_KIND), acc, input_precision=INPUT_PRECISION)
 
@@ -273,7 +290,7 @@ def _grad_wx_kernel(
     DW_C: tl.constexpr, DW_D: tl.constexpr, DW_K: tl.constexpr,
     DX_D: tl.constexpr, DX_B: tl.constexpr, DX_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
-    RPART_BLOCK: tl.constexpr,
+    RPART_BLOCK: tl.constexpr, DW_EVEN: tl.constexpr, DX_EVEN: tl.constexpr,
 ):
     """One launch for the two GEMMs that read a chunk's G^T: programs [0, num_dx_programs)
     do grad_x split-K tiles (the longer ones, first), the rest grad_W tiles. They are
@@ -284,12 +301,12 @@ def _grad_wx_kernel(
         _grad_x_tile(pid, g_ptr, w_ptr, winv_ptr, part_ptr, B, D, c0, cn,
                      stride_gc, stride_wc, stride_ps, stride_pb,
                      k_per_split, dx_feat_tiles, dx_row_tiles,
-                     DX_D, DX_B, DX_K, DOT_KIND, INPUT_PRECISION, SCALE_G)
+                     DX_D, DX_B, DX_K, DOT_KIND, INPUT_PRECISION, SCALE_G, DX_EVEN)
     else:
         _grad_w_tile(pid - num_dx_programs, g_ptr, x_ptr, w_ptr, winv_ptr, rpart_ptr, gw_ptr,
                      B, D, c0, cn, stride_gc, stride_xb, stride_wc, stride_gwc, stride_rp,
                      num_rpart, dw_feat_tiles,
-                     DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION, SCALE_G, RPART_BLOCK)
+                     DW_C, DW_D, DW_K, DOT_KIND, INPUT_PRECISION, SCALE_G, RPART_BLOCK, DW_EVEN)
 
 
 def scales_g(cfg: configs.GradsConfig, dot_dtype: torch.dtype) -> bool:
@@ -373,6 +390,13 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
 
     tg, tw, tx = cfg.g_tile, cfg.dw_tile, cfg.dx_tile
     g_rows = triton.cdiv(B, tg.BLOCK_N)
+    # The G kernel's per-row operands, once per call, padded to whole row tiles (see
+    # _grad_logits_tile).
+    pad = g_rows * tg.BLOCK_N - B
+    tcol = F.pad(block_targets(labels, offset, C), (0, pad), value=-1)
+    lse2 = F.pad(lse * LOG2E.value, (0, pad), value=float("inf"))
+    gs = F.pad(grad_row * float(s), (0, pad), value=0.0)
+    tgrad = F.pad(target_grad, (0, pad), value=0.0)
     gbuf = torch.empty((chunk, B), dtype=dd, device=dev)         # G^T of one chunk
     rpart = torch.empty((g_rows, chunk), dtype=f32, device=dev)  # r_j partials per row tile
     part = torch.zeros((splits, B, D), dtype=f32, device=dev)    # grad_x split-K partials
@@ -383,13 +407,13 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
         cn = min(chunk, C - c0)
         g_tiles = triton.cdiv(cn, tg.BLOCK_M) * g_rows
         _grad_logits_kernel[(min(g_tiles, cfg.g_programs) if cfg.g_programs else g_tiles,)](
-            x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, gbuf, rpart,
-            B, D, c0, cn, int(offset), float(s),
+            x_hat, w, w_inv_norm, tcol, lse2, tgrad, gs, gbuf, rpart,
+            B, D, c0, cn, float(s),
             x_hat.stride(0), w.stride(0), gbuf.stride(0), rpart.stride(0),
             g_rows,
             BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
             DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0, SCALE_G=scale_g,
-            FAST_EXP2=fast_exp2(dev),
+            FAST_EXP2=fast_exp2(dev), EVEN_K=D % tg.BLOCK_K == 0,
             num_warps=tg.num_warps, num_stages=tg.num_stages,
         )
         n_dx = dx_feat * dx_rows * triton.cdiv(cn, per)
@@ -404,6 +428,8 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
             DX_D=tx.BLOCK_M, DX_B=tx.BLOCK_N, DX_K=tx.BLOCK_K,
             DOT_KIND=kind, INPUT_PRECISION=prec, SCALE_G=scale_g,
             RPART_BLOCK=triton.next_power_of_2(g_rows),
+            DW_EVEN=(B % tw.BLOCK_K == 0) and (D % tw.BLOCK_N == 0),
+            DX_EVEN=(cn % tx.BLOCK_K == 0) and (D % tx.BLOCK_M == 0) and (B % tx.BLOCK_N == 0),
             # one config for both tile kinds: the larger warp count, the smaller stage count
             num_warps=max(tw.num_warps, tx.num_warps), num_stages=min(tw.num_stages, tx.num_stages),
         )

@@ -13,10 +13,11 @@ Kernel plan (one launch + a tiny finalize):
 
     The tile's epilogue works in log2 units (z * log2(e), one ex2 a logit, common.exp2),
     masks padding columns only in the last class tile and substitutes the target logit
-    only in tiles that hold a target of the row tile: ~1,055 SASS instructions a tile
-    on the common path instead of ~2,060 (sm_90, bf16, 128x256 tiles, 8 warps, Triton
-    3.6: the tile's MMAs take ~8,200 tensor-core cycles, its epilogue ~2 x 1,055 issue
-    cycles per scheduler, not overlapped with them at one program per SM).
+    only in tiles that hold a target of the row tile: ~1,007 SASS instructions a tile
+    outside the K loop on the common path instead of ~2,060 (sm_90, bf16, 128x256
+    tiles, 8 warps, Triton 3.6: the tile's MMAs take ~8,200 tensor-core cycles, this
+    work ~2 x 1,007 issue cycles per scheduler, not overlapped with them at one program
+    per SM). The K loop's loads are unmasked (common.load_tile): 78 instructions a step.
     finalize: M = max_split m, S = sum_split l * exp(m - M)     (no atomics, no locks)
 
 The row tiles of one split are consecutive program ids, so they run together and walk
@@ -42,7 +43,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import autotune, configs
-from .common import LN2, LOG2E, cast_for_dot, check_vectors, dot_dtype, dot_kind, exp2, fast_exp2
+from .common import (LN2, LOG2E, cast_for_dot, check_vectors, dot_dtype, dot_kind, exp2, fast_exp2,
+                     load_tile)
 
 
 @triton.jit
@@ -54,7 +56,7 @@ def _lse_partials_kernel(
     tiles_per_split, num_row_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, NORMS_IN_LOOP: tl.constexpr,
-    FAST_EXP2: tl.constexpr,
+    FAST_EXP2: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """NORMS_IN_LOOP: W's row norms from the tiles loaded for the GEMM (and stored by row
     tile 0); otherwise winv_ptr already holds them (``_row_inv_norm_kernel``) and the K
@@ -84,7 +86,10 @@ def _lse_partials_kernel(
     n_tiles = tl.cdiv(C, BLOCK_N)
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    x_row_ptr = x_ptr + rows64[:, None] * stride_xb
+    # The GEMM's loads are unmasked in M and N (common.load_tile): padding rows read the
+    # last row (their partials are not stored) and padding classes the last class (their
+    # logits are -inf below, their norms not stored).
+    x_row_ptr = x_ptr + tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_xb
     # A plain loop nest (the K loop is software-pipelined, the tile loop is not). Tried on
     # an H200 (Triton 3.6): tl.range(..., flatten=True), which pipelines across tiles,
     # was 9% slower (2.23 vs 2.04 ms at B=512, C=2^20, D=512 bf16).
@@ -94,14 +99,13 @@ def _lse_partials_kernel(
         cols64 = cols.to(tl.int64)
         # W^T tile (BLOCK_K, BLOCK_N) addressed directly (features fastest in memory), so
         # the load feeds tl.dot without a tl.trans and stays in the software pipeline.
-        w_col_ptr = w_ptr + cols64[None, :] * stride_wc
+        w_col_ptr = w_ptr + tl.minimum(cols, C - 1).to(tl.int64)[None, :] * stride_wc
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         sq = tl.zeros([BLOCK_N], tl.float32)
         for k in range(0, D, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            xt = tl.load(x_row_ptr + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_col_ptr + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            xt = load_tile(x_row_ptr + ks[None, :], (ks < D)[None, :], not EVEN_K)
+            wt = load_tile(w_col_ptr + ks[:, None], (ks < D)[:, None], not EVEN_K)
             if NORMS_IN_LOOP:
                 # Row norms from the tile already loaded for the GEMM: no second pass over W.
                 wf = wt.to(tl.float32)
@@ -242,7 +246,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         per, row_tiles,
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
         DOT_KIND=dot_kind(dd), INPUT_PRECISION=configs.dot_input_precision(dd, dev),
-        NORMS_IN_LOOP=cfg.norms_in_loop, FAST_EXP2=fast_exp2(dev),
+        NORMS_IN_LOOP=cfg.norms_in_loop, FAST_EXP2=fast_exp2(dev), EVEN_K=D % t.BLOCK_K == 0,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if splits == 1:
