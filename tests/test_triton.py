@@ -309,17 +309,20 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
 def test_no_autotune_candidate_races_on_hopper():
     """Every Hopper launch config the autotuner may pick (bf16, fp16, tf32 fp32): no
-    shared-memory ring a wgmma reads is shallower than the stages (compile_check)."""
+    shared-memory ring a wgmma reads is shallower than the stages (compile_check), and
+    no 16-bit candidate spills registers (a spilling candidate cannot win; timing it
+    only spends the GPU check's minutes)."""
     code = ("import json, os\n"
             "from expface_kernels.triton_kernels.compile_check import check\n"
             "rows = check(90, 'bf16', 1024, 1 << 20, 512, True) + check(90, 'fp16', 512, 1 << 20, 512, True)\n"
             "os.environ['EXPFACE_CHECK_PRECISION'] = 'tf32'\n"
             "rows += check(90, 'fp32', 512, 1 << 20, 512, True)\n"
-            "print('RESULT' + json.dumps([[r['kernel'], r['tile'], r['warps'], r['stages'], r['ring'],\n"
-            "                              r['ring_hazard']] for r in rows]))\n")
+            "print('RESULT' + json.dumps([[r['kernel'], r['dtypes'], r['tile'], r['warps'], r['stages'],\n"
+            "                              r['ring'], r['spill_bytes'], r['ring_hazard']] for r in rows]))\n")
     rows = _compile_for_cuda(["-c", code])
     assert len(rows) >= 10
     assert not [r for r in rows if r[-1]], rows
+    assert not [r for r in rows if r[1] != "fp32" and r[-2] != 0], rows
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")

@@ -288,13 +288,22 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
                        load_bytes: int = 0) -> list[ForwardConfig]:
     """The default first, then a few variations of tile width, K step, warps and stages,
     all with the default's norm placement (see forward_config: the in-loop norms race
-    on Hopper's asynchronous wgmma)."""
+    on Hopper's asynchronous wgmma). No candidate keeps the default's tile on 4 warps:
+    that doubles the fp32 accumulator a thread holds (256 for 128x256), and every such
+    compile spilled (60-2,936 bytes on sm_80/sm_90, bf16 and fp16/fp32, compile_check
+    --candidates, 2026-12-02); 128x64 on 4 warps is the two-programs-per-SM variant.
+    128x128 on 4 warps/4 stages is a Hopper-only candidate: 1.88 ms against 2.05 for
+    128x128 on 8 warps/3 stages (H200, bf16, B=512, C=2^20, 2026-11-28, when W's norms
+    were still squared in the K loop; bench/RESULTS.md "Launch-config variants"); it
+    compiles to 253 registers and no spill on sm_90, but spilled 60-260 bytes on sm_80."""
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
-    for bn, bk, warps, stages in ((128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
-                                  (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2),
-                                  (t.BLOCK_N, t.BLOCK_K, 4, 4), (t.BLOCK_N, t.BLOCK_K, 8, 4)):
+    shapes = [(128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
+              (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2), (t.BLOCK_N, t.BLOCK_K, 8, 4)]
+    if device_kind(device)[0] == "hopper":
+        shapes.append((128, t.BLOCK_K, 4, 4))
+    for bn, bk, warps, stages in shapes:
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs,
                              norms_in_loop=base.norms_in_loop)
         if cand not in out:
@@ -324,8 +333,8 @@ def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: to
         {"g_tile": two["g_tile"]},
         {"dw_tile": two["dw_tile"], "dx_tile": two["dx_tile"]},
         two,
-        dict(dw_tile=GemmTile(dw.BLOCK_M, dw.BLOCK_N, dw.BLOCK_K, 4, dw.num_stages + 1),
-             dx_tile=GemmTile(dx.BLOCK_M, dx.BLOCK_N, dx.BLOCK_K, 4, dx.num_stages + 1)),
+        # (The dW/dX tiles of the default on 4 warps spilled 396-1,328 bytes in
+        # compile_check on sm_80/sm_90, 2026-12-02: dropped; "two" is the 4-warp variant.)
         dict(max_dx_partial_bytes=base.max_dx_partial_bytes * 2),
     ]
     for v in variants:
