@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy
 import torch
+import triton
 from torch import Tensor
 
 from ..backends import Backend
@@ -16,6 +20,26 @@ _CUDA = torch.cuda.is_available()
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def interpreter_numpy_conflict(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton interpreter cannot run the kernels with this NumPy, or None.
+
+    Triton <= 3.6's interpreter turns a loop bound that depends on ``tl.program_id``
+    into a Python int with ``int()`` of a 1-element NumPy array, which NumPy >= 2.4
+    refuses (TypeError "only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel here failed that way (Triton 3.6.0 + NumPy 2.4.6; with
+    NumPy 2.3.5 the same tests pass). Triton 3.7 squeezes the array first.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the interpreter of Triton {triton_version} cannot run these kernels with "
+                f"NumPy {numpy_version} (Triton < 3.7 needs numpy<2.4; or upgrade Triton)")
+    return None
+
+
 def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
     """Why these tensors cannot run on the Triton kernels (empty list: they can)."""
     why = []
@@ -24,6 +48,8 @@ def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
         if not _INTERPRETED:
             why.append("CPU tensors need TRITON_INTERPRET=1 set before triton and "
                        "expface_kernels are imported")
+        elif conflict := interpreter_numpy_conflict(triton.__version__, numpy.__version__):
+            why.append(conflict)
     elif dev == "cuda":
         if not _CUDA:
             why.append("CUDA is not available")
