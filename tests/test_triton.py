@@ -453,8 +453,9 @@ def test_interpreter_numpy_conflict_is_a_reason():
         assert tb.interpreter_numpy_conflict(tv, nv) is None, (tv, nv)
     import numpy
     import triton
-    conflict = tb.interpreter_numpy_conflict(triton.__version__, numpy.__version__)
     if tb._INTERPRETED:
+        conflict = tb.interpreter_numpy_conflict(triton.__version__, numpy.__version__)
+        assert tb._INTERPRETER_CONFLICT == conflict
         x = torch.zeros(2, 3)
         assert (conflict in tb.unsupported_reasons(x, x)) if conflict else tb.unsupported_reasons(x, x) == []
 

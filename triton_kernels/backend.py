@@ -40,6 +40,11 @@ def interpreter_numpy_conflict(triton_version: str, numpy_version: str) -> str |
     return None
 
 
+# Versions do not change in a process: decided once, not on every dispatch.
+_INTERPRETER_CONFLICT = (interpreter_numpy_conflict(triton.__version__, numpy.__version__)
+                         if _INTERPRETED else None)
+
+
 def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
     """Why these tensors cannot run on the Triton kernels (empty list: they can)."""
     why = []
@@ -48,14 +53,14 @@ def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
         if not _INTERPRETED:
             why.append("CPU tensors need TRITON_INTERPRET=1 set before triton and "
                        "expface_kernels are imported")
-        elif conflict := interpreter_numpy_conflict(triton.__version__, numpy.__version__):
-            why.append(conflict)
     elif dev == "cuda":
         if not _CUDA:
             why.append("CUDA is not available")
     else:
         why.append(f"the Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), "
                    f"not on {dev}")
+    if _INTERPRETER_CONFLICT:  # None unless interpreted (CPU or CUDA tensors alike)
+        why.append(_INTERPRETER_CONFLICT)
     for name, t in (("embeddings", x_hat), ("weight", w)):
         if t.dtype == torch.float64:
             why.append(f"float64 {name} are not supported by the Triton kernels "
