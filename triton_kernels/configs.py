@@ -295,7 +295,7 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
     128x128 on 4 warps/4 stages is a Hopper-only candidate: 1.88 ms against 2.05 for
     128x128 on 8 warps/3 stages (H200, bf16, B=512, C=2^20, 2026-11-28, when W's norms
     were still squared in the K loop; bench/RESULTS.md "Launch-config variants"); it
-    compiles to 253 registers and no spill on sm_90, but spilled 60-260 bytes on sm_80."""
+    compiles to 252 registers and no spill on sm_90, but spilled 60-260 bytes on sm_80."""
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
