@@ -63,7 +63,8 @@ def describe(cfg) -> str:
     """A launch config in one short line (configs.ForwardConfig / GradsConfig)."""
     if hasattr(cfg, "tile"):
         return (f"tile {_tile(cfg.tile)}, {cfg.target_programs} programs, norms "
-                f"{'in loop' if cfg.norms_in_loop else 'separate pass'}")
+                f"{'in loop' if cfg.norms_in_loop else 'separate pass'}"
+                + (", warp-specialized (TMA)" if getattr(cfg, "warp_specialize", False) else ""))
     return (f"G {_tile(cfg.g_tile)}, dW {_tile(cfg.dw_tile)}, dX {_tile(cfg.dx_tile)}, "
             f"chunk {cfg.chunk_bytes / 2**20:g} MiB, dX partials {cfg.max_dx_partial_bytes / 2**20:g} MiB")
 

@@ -94,6 +94,27 @@ def load_tile(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def forward_program_rows(B, num_row_tiles, BLOCK_M: tl.constexpr):
+    """The forward's program -> (row tile, split) map (the row tiles of one split are
+    consecutive program ids, so they walk the same W tiles together) and its rows:
+    (pid_m, split, rows int32, row_ok, rows int64)."""
+    pid = tl.program_id(0)
+    pid_m = pid % num_row_tiles
+    split = pid // num_row_tiles
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, split, rows, rows < B, rows.to(tl.int64)
+
+
+@triton.jit
+def block_target_cols(labels_ptr, rows64, row_ok, offset, C):
+    """Target column of each row inside the class block [offset, offset + C), int32; -1
+    for an ignored row (label -1), a padding row or a target in another block. The label
+    arithmetic is int64 (global ids, large offsets); the result fits int32 (< C)."""
+    col = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int64) - offset
+    return tl.where((col >= 0) & (col < C), col, -1).to(tl.int32)
+
+
+@triton.jit
 def cast_for_dot(t, DOT_KIND: tl.constexpr):
     """Cast a loaded tile to the GEMM operand dtype (resolved at compile time)."""
     if DOT_KIND == 1:

@@ -8,7 +8,9 @@ kernel with the launch config that configs.py would pick for that device kind, s
 dtype, for the target sm_XX, and the ptxas bundled with Triton reports registers and
 spills. Printed per kernel: shared memory per program (limit: 227 KB sm_90, 163 KB
 sm_80, 99 KB sm_86), registers per thread (255 max), spill bytes (want 0), and the count
-of cp.async copies in the TTGIR (0 means the GEMM loads were not software-pipelined).
+of cp.async / TMA copies in the TTGIR (0 means the GEMM loads were not software-
+pipelined). A warp-specialized kernel shows its warps as "producer+consumers" (4+8);
+one whose loop Triton left unspecialized fails the check.
 
 Alignment: the launch specialises 16-byte-aligned pointers and integers divisible by 16
 (D = 512, strides, B); the compile here assumes the same, as a real launch at the
@@ -52,7 +54,13 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
                        options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
     ttgir = k.asm["ttgir"]
-    out = {"shared": k.metadata.shared, "async_copies": ttgir.count("async_copy_global_to_local")}
+    # Pipelined GEMM loads: cp.async copies, or TMA copies (the warp-specialized forward).
+    out = {"shared": k.metadata.shared,
+           "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
+           # Triton's Hopper pass leaves a loop unspecialized without an error when it cannot
+           # split it (lse_forward_ws's docstring): the TTGIR then has no warp_specialize op.
+           "warp_specialized": "ttg.warp_specialize(" in ttgir,
+           "launch_warps": k.metadata.num_warps}
     out.update(ring_hazard(ttgir, tile.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
@@ -66,8 +74,12 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     spills = re.findall(r"(\d+) bytes spill stores", err)
     out["registers"] = int(regs[0]) if regs else -1
     out["spill_bytes"] = int(spills[0]) if spills else -1
-    out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared"], tile.num_warps, cap)
-    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), tile.num_warps, cap)
+    warps = out["launch_warps"]
+    out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared"], warps, cap)
+    # Warp-specialized: the MMA loop runs in the consumer warpgroups (all warps but the
+    # producer's tile.num_warps).
+    mma_warps = warps - tile.num_warps if out["warp_specialized"] else warps
+    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), mma_warps, cap)
     return out
 
 
@@ -188,7 +200,7 @@ def _merged_tile(a, b):
 def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False) -> list[dict]:
     """Compile the kernels for (sm_cap, dtype pair, shape) with configs.py's choices (and,
     with ``candidates``, every autotune candidate; each distinct kernel once)."""
-    from . import configs, grads_backward as gb, lse_forward as lf
+    from . import configs, grads_backward as gb, lse_forward as lf, lse_forward_ws as lfw
     from .common import dot_dtype, dot_kind
 
     kind, sms, l2, smem_limit = _KINDS[cap]
@@ -218,6 +230,9 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
+    ws_sig = dict(x_ptr=X, w_ptr=W, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p, winv_ptr=f32p,
+                  B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
+                  tiles_per_split=i32, num_row_tiles=i32)
     grad_logits_sig = dict(
         x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
         gs_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32,
@@ -231,6 +246,10 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     jobs = []
     for fwd in fwds:
         t = fwd.tile
+        if fwd.warp_specialize:
+            jobs.append(("lse_partials/ws", lfw._lse_partials_ws_kernel, t, ws_sig,
+                         dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, FAST_EXP2=True), ""))
+            continue
         jobs.append(("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel,
                      t, lse_sig, dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
                                       NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True,
@@ -256,12 +275,16 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         if key in seen:  # candidates that differ only in host-side knobs (chunk, programs)
             continue
         seen.add(key)
-        sig = dict(sig, **{k: "constexpr" for k in blocks}, DOT_KIND="constexpr", INPUT_PRECISION="constexpr")
-        const = dict(blocks, DOT_KIND=dot_kind(dd), INPUT_PRECISION=prec)
+        sig = dict(sig, **{k: "constexpr" for k in blocks})
+        const = dict(blocks)
+        if "DOT_KIND" in fn.arg_names:
+            sig.update(DOT_KIND="constexpr", INPUT_PRECISION="constexpr")
+            const.update(DOT_KIND=dot_kind(dd), INPUT_PRECISION=prec)
         r = compile_one(fn, sig, const, cap, tile)
         shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}" + extra
         r.update(kernel=name, arch=f"sm_{cap}", dtypes=pair, tile=shown,
-                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks)
+                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks,
+                 wants_warp_specialization=name.endswith("/ws"))
         rows.append(r)
     return rows
 
@@ -290,12 +313,15 @@ def main(argv=None) -> int:
     for cap in args.arch:
         for pair in args.dtypes:
             for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
+                lost_ws = r["wants_warp_specialization"] and not r["warp_specialized"]
                 ok = (r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
-                      and not r["ring_hazard"])
+                      and not r["ring_hazard"] and not lost_ws)
                 bad += not ok
                 why = "" if ok else ("  <-- ring shallower than the stages with a wgmma in flight"
-                                     if r["ring_hazard"] else "  <-- check")
-                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
+                                     if r["ring_hazard"] else "  <-- loop not warp-specialized"
+                                     if lost_ws else "  <-- check")
+                warps = f"{r['warps']}+{r['launch_warps'] - r['warps']}" if r["warp_specialized"] else r["warps"]
+                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {warps}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
                       f"{r['async_copies']:5d} {r['ring']:4d} {r['ctas_per_sm']:6d}  {_loops(r['mma_loops'])}{why}",
                       flush=True)

@@ -65,11 +65,23 @@ class ForwardConfig:
     separate pass over W before the GEMM (False: one more read of W -- the extension's
     equivalent pass took 0.28 ms at C = 2^20, D = 512 bf16 on an H200 -- and a K loop
     that is a plain GEMM; on Hopper the in-loop form races, see forward_config).
+
+    ``warp_specialize``: run lse_forward_ws's kernel (TMA producer + two consumer
+    warpgroups; Hopper, 16-bit operands, 16-byte aligned rows -- other inputs take the
+    default kernel). It reads W's norms from the separate pass, so it needs
+    ``norms_in_loop=False``. ``tile.num_warps`` is then one warpgroup's: the launch
+    has three (producer + 2 consumers).
     """
 
     tile: GemmTile
     target_programs: int
     norms_in_loop: bool = True
+    warp_specialize: bool = False
+
+    def __post_init__(self):
+        if self.warp_specialize and self.norms_in_loop:
+            raise ValueError("ForwardConfig: warp_specialize reads W's norms from the separate pass; "
+                             "set norms_in_loop=False")
 
 
 @dataclass(frozen=True)
@@ -295,13 +307,15 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
     128x128 on 4 warps/4 stages is a Hopper-only candidate: 1.88 ms against 2.05 for
     128x128 on 8 warps/3 stages (H200, bf16, B=512, C=2^20, 2026-11-28, when W's norms
     were still squared in the K loop; bench/RESULTS.md "Launch-config variants"); it
-    compiles to 252 registers and no spill on sm_90, but spilled 60-260 bytes on sm_80."""
+    compiles to 252 registers and no spill on sm_90 for 16-bit operands, but spilled
+    60-260 bytes on sm_80 (and on sm_90 with fp32 operands)."""
     base = forward_config(device, B, C, D, dot_dtype, load_bytes)
     t = base.tile
     out = [base]
     shapes = [(128, t.BLOCK_K, 8, 3), (64, t.BLOCK_K, 4, 4),
               (t.BLOCK_N, 2 * t.BLOCK_K, 8, 2), (t.BLOCK_N, t.BLOCK_K, 8, 4)]
-    if device_kind(device)[0] == "hopper":
+    if device_kind(device)[0] == "hopper" and dot_dtype != torch.float32:
+        # (With tf32 / exact fp32 operands it spilled 28 / 608 bytes on sm_90, Triton 3.6.)
         shapes.append((128, t.BLOCK_K, 4, 4))
     for bn, bk, warps, stages in shapes:
         cand = ForwardConfig(GemmTile(t.BLOCK_M, bn, bk, warps, stages), base.target_programs,
@@ -309,6 +323,15 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
         if cand not in out:
             out.append(cand)
     out.append(ForwardConfig(t, base.target_programs * 2, norms_in_loop=base.norms_in_loop))
+    if (device_kind(device)[0] == "hopper" and t.BLOCK_M == 128 and dot_dtype != torch.float32
+            and max(_elem(dot_dtype), load_bytes) == 2):
+        # The warp-specialized forward (lse_forward_ws; x and W of one 16-bit dtype): one
+        # warpgroup of TMA loads and two consumer warpgroups of 64 rows each (232
+        # registers requested each, no spill; 99 / 150 KB of shared memory at 128 / 256
+        # classes, 3 stages; compile_check, sm_90, Triton 3.6 and 3.8). Not timed yet.
+        for bn in (128, 256):
+            out.append(ForwardConfig(GemmTile(128, bn, 64, 4, 3), base.target_programs,
+                                     norms_in_loop=False, warp_specialize=True))
     return out
 
 

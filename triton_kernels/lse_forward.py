@@ -33,6 +33,10 @@ picks the separate pass there (its comment and compile_check.ring_hazard have th
 numbers).
 
 All offsets are int64 (C_local * D and B * C_local may pass 2^31).
+
+``ForwardConfig.warp_specialize`` runs lse_forward_ws's kernel instead (TMA loads in a
+producer warpgroup; Hopper, opt-in), which leaves each row's target tile to a small
+second kernel: its docstring has why.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import autotune, configs
-from .common import (LN2, LOG2E, cast_for_dot, check_vectors, dot_dtype, dot_kind, exp2, fast_exp2,
-                     load_tile)
+from . import autotune, configs, lse_forward_ws
+from .common import (LN2, LOG2E, block_target_cols, cast_for_dot, check_vectors, dot_dtype, dot_kind,
+                     exp2, fast_exp2, forward_program_rows, load_tile)
 
 
 @triton.jit
@@ -64,20 +68,10 @@ def _lse_partials_kernel(
 
     The running (m, l) are kept in log2 units: z2 = z * log2(e), l = sum 2^(z2 - m2)
     (= sum e^(z - m)); m is stored back in natural units."""
-    pid = tl.program_id(0)
-    pid_m = pid % num_row_tiles
-    split = pid // num_row_tiles
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    # Target column of each row inside this block (int64: labels are global ids and
-    # `offset` may be large); -1 labels (ignored rows) or other blocks never match.
-    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
-    tcol = labels - offset
-    # int32 from here on (-1 when the target is in another block): the per-element
-    # compare in the tile loop is int32.
-    tcol = tl.where((tcol >= 0) & (tcol < C), tcol, -1).to(tl.int32)
+    pid_m, split, rows, row_ok, rows64 = forward_program_rows(B, num_row_tiles, BLOCK_M)
+    # int32 (-1 when the target is in another block): the per-element compare in the
+    # tile loop is int32.
+    tcol = block_target_cols(labels_ptr, rows64, row_ok, offset, C)
     tlogit2 = tl.load(tlogit_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -232,13 +226,38 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
             lambda cfg: lse_partials(x_hat, w, target_logit, labels, s, offset, config=cfg))
     cfg = config or configs.forward_config(dev, B, C, D, dd, lb)
     row_tiles, splits, per = split_plan(B, C, cfg)
-    pmax = torch.empty((splits, B), dtype=f32, device=dev)
-    psum = torch.empty((splits, B), dtype=f32, device=dev)
-    t = cfg.tile
+    # The warp-specialized form writes one more partial slot (the rows' target tiles);
+    # inputs it cannot take (lse_forward_ws.unsupported_reason) run the default kernel.
+    ws = cfg.warp_specialize and lse_forward_ws.unsupported_reason(x_hat, w) is None
+    slots = splits + 1 if ws else splits
+    pmax = torch.empty((slots, B), dtype=f32, device=dev)
+    psum = torch.empty((slots, B), dtype=f32, device=dev)
     if not cfg.norms_in_loop:
         _row_inv_norm_kernel[(triton.cdiv(C, 32),)](w, w_inv, C, D, w.stride(0), BLOCK_C=32,
                                                     BLOCK_D=min(128, triton.next_power_of_2(D)),
                                                     num_warps=4)
+    if ws:
+        lse_forward_ws.launch(x_hat, w, target_logit, labels, s, offset, cfg, pmax, psum, w_inv,
+                              row_tiles, splits, per, fast_exp2(dev))
+    else:
+        _launch_default(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
+                        row_tiles, per)
+    if slots == 1:
+        return pmax.view(B), psum.view(B), w_inv
+    fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
+    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, slots,
+                                                 BLOCK=fin, num_warps=4)
+    return row_max, row_sum, w_inv
+
+
+def _launch_default(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
+                    row_tiles, per) -> None:
+    """_lse_partials_kernel over (row tile, split) programs into pmax / psum."""
+    B, D = x_hat.shape
+    C = w.shape[0]
+    dev = x_hat.device
+    t = cfg.tile
+    splits = pmax.shape[0]
     _lse_partials_kernel[(row_tiles * splits,)](
         x_hat, w, target_logit, labels, pmax, psum, w_inv,
         B, C, D, int(offset), float(s),
@@ -249,9 +268,3 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         NORMS_IN_LOOP=cfg.norms_in_loop, FAST_EXP2=fast_exp2(dev), EVEN_K=D % t.BLOCK_K == 0,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if splits == 1:
-        return pmax.view(B), psum.view(B), w_inv
-    fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
-    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, splits,
-                                                 BLOCK=fin, num_warps=4)
-    return row_max, row_sum, w_inv
