@@ -230,9 +230,7 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
-    ws_sig = dict(x_ptr=X, w_ptr=W, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p, winv_ptr=f32p,
-                  B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
-                  tiles_per_split=i32, num_row_tiles=i32)
+    ws_sig = {k: v for k, v in lse_sig.items() if k != "tlogit_ptr"}  # the same, no target logits
     grad_logits_sig = dict(
         x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
         gs_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32,

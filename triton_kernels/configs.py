@@ -323,8 +323,7 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
         if cand not in out:
             out.append(cand)
     out.append(ForwardConfig(t, base.target_programs * 2, norms_in_loop=base.norms_in_loop))
-    if (device_kind(device)[0] == "hopper" and t.BLOCK_M == 128 and dot_dtype != torch.float32
-            and max(_elem(dot_dtype), load_bytes) == 2):
+    if device_kind(device)[0] == "hopper" and t.BLOCK_M == 128 and max(_elem(dot_dtype), load_bytes) == 2:
         # The warp-specialized forward (lse_forward_ws; x and W of one 16-bit dtype): one
         # warpgroup of TMA loads and two consumer warpgroups of 64 rows each (232
         # registers requested each, no spill; 99 / 150 KB of shared memory at 128 / 256

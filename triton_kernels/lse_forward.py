@@ -238,7 +238,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
                                                     num_warps=4)
     if ws:
         lse_forward_ws.launch(x_hat, w, target_logit, labels, s, offset, cfg, pmax, psum, w_inv,
-                              row_tiles, splits, per, fast_exp2(dev))
+                              row_tiles, splits, per)
     else:
         _launch_default(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
                         row_tiles, per)

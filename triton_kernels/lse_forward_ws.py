@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import LN2, LOG2E, block_target_cols, exp2, forward_program_rows
+from .common import LN2, LOG2E, block_target_cols, exp2, fast_exp2, forward_program_rows
 from .configs import device_kind
 
 
@@ -170,20 +170,20 @@ def _ensure_allocator() -> None:
 
 
 def launch(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float, offset: int,
-           cfg, pmax: Tensor, psum: Tensor, w_inv: Tensor, row_tiles: int, splits: int, per: int,
-           fast_exp2: bool) -> None:
+           cfg, pmax: Tensor, psum: Tensor, w_inv: Tensor, row_tiles: int, splits: int, per: int) -> None:
     """Fill pmax / psum (splits + 1, B): slots [0, splits) from the warp-specialized kernel,
     slot ``splits`` from the target tiles. w_inv must already hold W's inverse norms."""
     t = cfg.tile
     B, D = x_hat.shape
     C = w.shape[0]
+    fast = fast_exp2(x_hat.device)
     _ensure_allocator()
     _lse_partials_ws_kernel[(row_tiles * splits,)](
         x_hat, w, labels, pmax, psum, w_inv, B, C, D, int(offset), float(s),
         x_hat.stride(0), w.stride(0), per, row_tiles,
-        BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, FAST_EXP2=fast_exp2,
+        BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, FAST_EXP2=fast,
         num_warps=t.num_warps, num_stages=t.num_stages)
     _lse_target_tile_kernel[(B,)](
         x_hat, w, w_inv, target_logit, labels, pmax, psum, B, C, D, int(offset), float(s),
         x_hat.stride(0), w.stride(0), splits,
-        BLOCK_N=t.BLOCK_N, BLOCK_K=min(64, triton.next_power_of_2(D)), FAST_EXP2=fast_exp2, num_warps=4)
+        BLOCK_N=t.BLOCK_N, BLOCK_K=min(64, triton.next_power_of_2(D)), FAST_EXP2=fast, num_warps=4)
