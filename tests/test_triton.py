@@ -683,6 +683,47 @@ def test_gpu_forward_bitwise_deterministic_and_norms_exact(block_n):
     assert max_rel_err(first[2], want) < 1e-6
 
 
+def test_launches_take_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the ops make the inputs' device
+    current first (as the extension's CUDAGuard does); CPU tensors need no guard."""
+    from types import SimpleNamespace
+
+    from expface_kernels.triton_kernels import ops
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with ops.on_device_of(SimpleNamespace(device=torch.device("cuda", 3))):
+        pass
+    assert entered == [torch.device("cuda", 3)]
+    with ops.on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 3)]
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_non_current_device():
+    """Inputs on cuda:1 while cuda:0 is current: the same loss and gradients as on cuda:0."""
+    out = []
+    for dev in ("cuda:0", "cuda:1"):
+        x, w, y = make_inputs(33, 300, 64, dtype=torch.float32, device=dev, seed=4)
+        with torch.cuda.device(0):
+            loss = ek.margin_softmax_loss(x, w, y, backend="triton")
+            loss.backward()
+        out.append([t.detach().cpu() for t in (loss, x.grad, w.grad)])
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @needs_cuda
 def test_gpu_int64_offsets_beyond_2_31():
     """W with C*D > 2^31 elements (and B*C > 2^31): compare with the chunked backend."""

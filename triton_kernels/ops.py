@@ -13,6 +13,8 @@ TORCH_LIBRARY block owns).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -21,11 +23,19 @@ from . import grads_backward, lse_forward
 _NS = "expface_triton"
 
 
+def on_device_of(t: Tensor):
+    """Make ``t``'s CUDA device current for the launches: Triton launches on the current
+    device and its stream whatever device the tensors are on (the extension's ops take
+    a CUDAGuard for the same reason). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op(f"{_NS}::lse_partials", mutates_args=())
 def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
                  offset: int) -> tuple[Tensor, Tensor, Tensor]:
     """(row_max (B,) f32, row_sumexp (B,) f32, w_inv_norm (C_local,) f32); see lse_forward."""
-    return lse_forward.lse_partials(x_hat, w, target_logit, labels, s, offset)
+    with on_device_of(x_hat):
+        return lse_forward.lse_partials(x_hat, w, target_logit, labels, s, offset)
 
 
 @lse_partials.register_fake
@@ -40,7 +50,8 @@ def _lse_partials_fake(x_hat, w, target_logit, labels, s, offset):
 def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
           target_grad: Tensor, grad_row: Tensor, s: float, offset: int) -> tuple[Tensor, Tensor]:
     """(grad_x_hat (B, D) f32, grad_w (C_local, D) w.dtype); see grads_backward."""
-    return grads_backward.grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset)
+    with on_device_of(x_hat):
+        return grads_backward.grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset)
 
 
 @grads.register_fake
