@@ -180,9 +180,10 @@ def test_forward_with_norms_from_a_separate_pass():
     check_primitives(a, fwd_config=fwd)
 
 
-def _ws_config(block_m=16, block_n=32, programs=4):
+def _ws_config(programs=4):
+    """The warp-specialized forward on interpreter tiles (16 rows x 32 classes x 16)."""
     configs, _, _, _ = _tk()
-    return configs.ForwardConfig(configs.GemmTile(block_m, block_n, 16, 4, 1), target_programs=programs,
+    return configs.ForwardConfig(configs.GemmTile(16, 32, 16, 4, 1), target_programs=programs,
                                  norms_in_loop=False, warp_specialize=True)
 
 
