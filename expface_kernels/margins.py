@@ -34,7 +34,14 @@ MarginParam = Union[float, Tuple[float, float, float]]
 
 
 def _theta(c: Tensor) -> Tensor:
-    return torch.acos(c.clamp(-1.0, 1.0))
+    # The clamp only catches |c| > 1 from rounding. Where |c| >= 1 (every cosine at D = 1,
+    # or x exactly parallel to w) acos has no derivative, and the clamp's backward at its
+    # bound differs between torch versions: 2.11 passes the gradient on, so autograd
+    # through acos gives ±inf, or NaN when the upstream gradient is 0; 2.14 gives 0.
+    # Autograd of reference_loss must not depend on the torch version, so the angle is a
+    # constant there on every version (2.14's answer). Values are unchanged.
+    inside = c.abs() < 1.0
+    return torch.acos(torch.where(inside, c, c.detach().clamp(-1.0, 1.0)))
 
 
 def _theta_for_grad(c: Tensor) -> Tensor:

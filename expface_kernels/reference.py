@@ -35,7 +35,9 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: s
         The loss in ``compute_dtype`` ((B,) for ``reduction="none"``). In
         ``"straight_through"`` mode the margin enters the value but not the gradient,
         written here as ``s·c + (s·ψ(c) − s·c).detach()``. ``"exact"`` mode has the
-        true derivative of ψ, which is infinite at c = ±1 (no clamp here).
+        true derivative of ψ, with no clamp of the angle: it grows without bound as
+        c → ±1. At |c| = 1 itself, where acos has no derivative, the target cosine
+        contributes no gradient through ψ (see ``margins._theta``).
     """
     spec, mv = resolve_margin(margin, m)
     dt = compute_dtype or acc_dtype(embeddings, weight)

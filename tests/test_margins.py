@@ -57,6 +57,23 @@ def test_dpsi_finite_everywhere(name, m, dtype):
     torch.testing.assert_close(d[:2], spec.dpsi(edge, mv))
 
 
+@pytest.mark.parametrize("name,m", [c for c in MARGIN_CASES if c[0] not in ("cosface", "none")])
+def test_autograd_of_psi_at_unit_cosines_is_pinned(name, m):
+    """Autograd of ψ (what reference_loss differentiates) is the formula's derivative
+    for |c| < 1, and 0 where |c| >= 1, whatever torch's clamp backward does at its bound
+    (torch 2.11: NaN here with a zero upstream gradient; 2.14: 0)."""
+    spec, mv = resolve_margin(name, m)
+    inner = torch.cos(ANGLES)
+    c = torch.cat([inner, torch.tensor([1.0, -1.0, 1.0 + 1e-12], dtype=torch.float64)]).requires_grad_()
+    upstream = torch.ones_like(c).detach()
+    upstream[-2] = 0.0  # 0·∞ = NaN where the bound's gradient passes on (torch 2.11)
+    (g,) = torch.autograd.grad(spec.psi(c, mv), c, upstream)
+    c_in = inner.clone().requires_grad_()
+    (want,) = torch.autograd.grad(formula(name, torch.acos(c_in), mv).sum(), c_in)
+    torch.testing.assert_close(g[:41], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g[41:], torch.zeros(3, dtype=torch.float64)), g[41:]
+
+
 def test_expface_clamp_bound():
     """The documented size of the clamp: ExpFace ψ'(1) = m·(ε/π)^(2m−2)·(1 + O(ε²))."""
     spec, m = resolve_margin("expface", 0.7)
