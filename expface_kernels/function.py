@@ -56,8 +56,10 @@ class MarginSoftmaxFunction(torch.autograd.Function):
 
         n_kept = kept.sum()
         if reduction == "mean":
-            # 0/0 = NaN when every row is ignored, as F.cross_entropy.
-            grad_row = kept / n_kept
+            # Every row ignored: the loss is 0/0 = NaN below and the gradients are 0, as
+            # F.cross_entropy's (its backward gives ignored rows 0 whatever the count); a
+            # NaN gradient would reach the weights through the optimiser step.
+            grad_row = kept / n_kept.clamp_min(1)
         else:
             grad_row = kept
         # needs_input_grad is True under torch.no_grad() too: without grad_enabled an

@@ -162,10 +162,18 @@ def test_ignored_rows_have_zero_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_all_ignored_mean_is_nan(backend):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(backend, reduction):
+    """Every row ignored: as F.cross_entropy, a NaN loss for "mean" (0/0), 0 otherwise,
+    and zero gradients in every case (a NaN there would reach the weights)."""
     x, w, y = make_inputs(3, 5, 4, ignore=(0, 1, 2))
-    assert torch.isnan(ek.margin_softmax_loss(x, w, y, backend=backend))
-    assert ek.margin_softmax_loss(x, w, y, reduction="sum", backend=backend) == 0
+    loss, gx, gw = run(backend, x, w, y, reduction=reduction)
+    z = (x @ w.t()).detach().requires_grad_()
+    want = F.cross_entropy(z, y, ignore_index=-1, reduction=reduction)
+    want.sum().backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+    torch.testing.assert_close(loss, want.detach(), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -570,9 +570,11 @@ def test_api_ignored_rows(ignore_index):
         assert got[1][1].abs().max() == 0 and got[1][4].abs().max() == 0
 
 
-def test_api_all_ignored_mean_is_nan():
+def test_api_all_ignored_mean_is_nan_with_zero_gradients():
     x, w, y = make_inputs(3, 37, 7, dtype=torch.float32, seed=14, device=DEV, ignore=(0, 1, 2))
-    assert torch.isnan(ek.margin_softmax_loss(x, w, y, backend="triton"))
+    loss, gx, gw = api("triton", x, w, y, "expface")
+    assert torch.isnan(loss)
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
 
 
 def test_api_matches_reference_backend_int32_labels():
