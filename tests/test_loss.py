@@ -66,16 +66,26 @@ def test_many_chunks(backend, monkeypatch):
 # d >= 2: with D = 1 every cosine is ±1 up to an ulp, where θ = acos(c) amplifies the
 # ulp that two equally right ways of computing c differ by to ~1e-8 (D = 1 is covered
 # by SHAPES, at angles where that does not bite, and by the exact-hit test).
+# Ignored rows: none, one, or all (mean: a NaN loss, zero gradients); ignore_index 0 is
+# a valid class, which F.cross_entropy allows too.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(b=st.integers(1, 9), c=st.integers(1, 300), d=st.integers(2, 40),
        margin=st.sampled_from([m for m, _ in MARGIN_CASES]), seed=st.integers(0, 2**16),
        reduction=st.sampled_from(["mean", "sum", "none"]),
-       margin_grad=st.sampled_from(["exact", "straight_through"]))
-def test_chunked_random_shapes(b, c, d, margin, seed, reduction, margin_grad):
-    x, w, y = make_inputs(b, c, d, seed=seed)
-    got = run("chunked", x, w, y, margin, reduction=reduction, margin_grad=margin_grad)
-    want = ground_truth(x, w, y, margin, reduction=reduction, margin_grad=margin_grad)
+       margin_grad=st.sampled_from(["exact", "straight_through"]),
+       s=st.sampled_from([1.0, 30.0, 64.0, 100.0]), ignored=st.sampled_from(["none", "one", "all"]),
+       ignore_index=st.sampled_from([-1, -100, 0]),
+       label_dtype=st.sampled_from([torch.int64, torch.int32]))
+def test_random_shapes(backend, b, c, d, margin, seed, reduction, margin_grad, s, ignored,
+                       ignore_index, label_dtype):
+    x, w, y = make_inputs(b, c, d, seed=seed, label_dtype=label_dtype)
+    y[{"none": slice(0), "one": slice(b // 2, b // 2 + 1), "all": slice(None)}[ignored]] = ignore_index
+    kw = dict(s=s, reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
+    got = run(backend, x, w, y, margin, **kw)
+    want = ground_truth(x, w, y.long(), margin, **kw)
     # Away from the derivative clamp the exact mode equals autograd of the formula.
-    assert_close_to_truth(got, want, tol=1e-8)
+    for a, t, what in zip(got, want, ("loss", "grad_x", "grad_w")):
+        torch.testing.assert_close(a, t, rtol=1e-8, atol=1e-8, equal_nan=True, msg=what)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
