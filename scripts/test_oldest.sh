@@ -29,8 +29,11 @@ print("oldest stack: torch", torch.__version__, "triton", triton.__version__, "n
 PY
 TREE=$(mktemp -d /tmp/expface-oldest-tree.XXXXXX)
 trap 'rm -rf "$TREE"' EXIT
-# tracked files and untracked ones git does not ignore: the tree as it would be committed
-git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$TREE"
+# tracked files and untracked ones git does not ignore (less any deleted here): the tree
+# as it would be committed
+git ls-files -z --cached --others --exclude-standard |
+  while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done |
+  xargs -0 cp --parents -t "$TREE"
 cd "$TREE"
 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
