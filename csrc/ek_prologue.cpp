@@ -38,7 +38,8 @@ at::ScalarType acc_of(const Tensor& a, const Tensor& b) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prologue_impl(const PrologueOps& ops, const Tensor& x,
                                                                  const Tensor& w, const Tensor& labels,
-                                                                 int64_t offset, int64_t ignore_index) {
+                                                                 int64_t offset, int64_t ignore_index,
+                                                                 std::optional<at::ScalarType> x_hat_dtype) {
   check_float_matrix(x, "x");
   check_float_matrix(w, "w");
   check_same_device(w, "w", x, "x");
@@ -50,9 +51,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prologue_impl(const PrologueO
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
               "expface_kernels: labels must be int64 or int32, got ", labels.scalar_type());
   TORCH_CHECK(offset >= 0, "expface_kernels: offset must be >= 0, got ", num(offset));
+  const at::ScalarType xh_dtype = x_hat_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(is_float(xh_dtype), "expface_kernels: x_hat_dtype must be float16, bfloat16, float32 or float64, got ",
+              xh_dtype);
   const int64_t B = x.size(0), D = x.size(1);
   const auto acc = x.options().dtype(acc_of(x, w));
-  Tensor x_hat = at::empty({B, D}, x.options());
+  Tensor x_hat = at::empty({B, D}, x.options().dtype(xh_dtype));
   Tensor x_inv = at::empty({B}, acc);
   Tensor labels_out = at::empty({B}, x.options().dtype(at::kLong));
   Tensor kept = at::empty({B}, acc);

@@ -7,8 +7,10 @@
 // idled through them: ~1.7 ms before the first GEMM of a 9 ms step (H200, B=512,
 // C=2^20, bf16; bench/RESULTS.md).  These three ops do that work in one kernel each:
 //
-//   prologue(x, w, labels, offset, ignore_index)
-//       -> x_hat (B, D) x.dtype   x / max(||x||, 1e-12), rounded to x's dtype
+//   prologue(x, w, labels, offset, ignore_index, x_hat_dtype = x.dtype)
+//       -> x_hat (B, D)           x / max(||x||, 1e-12), rounded to x_hat_dtype (the class
+//                                 loop's operand: x's dtype, or autocast's, see
+//                                 expface_kernels/function.py autocast_operand_dtype)
 //          x_inv (B,) acc         1 / max(||x||, 1e-12)
 //          labels_out (B,) int64  labels, -1 where labels == ignore_index
 //          kept (B,) acc          0 where labels == ignore_index, else 1
@@ -27,6 +29,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace ek {
@@ -44,7 +47,7 @@ struct PrologueOps {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prologue_impl(
     const PrologueOps& ops, const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, int64_t offset,
-    int64_t ignore_index);
+    int64_t ignore_index, std::optional<at::ScalarType> x_hat_dtype);
 
 std::tuple<at::Tensor, at::Tensor> margin_terms_impl(const PrologueOps& ops, const at::Tensor& c_t, int64_t margin,
                                                      double m1, double m2, double m3, double s, bool exact);

@@ -23,7 +23,8 @@ TORCH_LIBRARY(expface_kernels, m) {
       {at::Tag::pt2_compliant_tag});
   // The per-row work around the class loop (csrc/ek_prologue.h).
   m.def(
-      "prologue(Tensor x, Tensor w, Tensor labels, int offset, int ignore_index) -> (Tensor x_hat, Tensor x_inv, "
+      "prologue(Tensor x, Tensor w, Tensor labels, int offset, int ignore_index, ScalarType? x_hat_dtype=None) -> "
+      "(Tensor x_hat, Tensor x_inv, "
       "Tensor labels_out, Tensor kept, Tensor c_t)",
       {at::Tag::pt2_compliant_tag});
   m.def(

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .function import margin_softmax
+from .function import autocast_operand_dtype, margin_softmax
 from .margins import MARGIN_GRADS, resolve_margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -128,13 +128,17 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     Returns:
         float32 loss (float64 when an input is float64): a scalar, or (B,) for
         ``reduction="none"``. Gradients have their inputs' dtypes.
+
+    Under ``torch.autocast`` for the inputs' device, the normalised embeddings enter
+    the class loop's GEMMs in the autocast dtype (the weight as stored, cast tile by
+    tile); accumulation and the loss stay fp32 (function.autocast_operand_dtype).
     """
     spec, mv = resolve_margin(margin, m)
     bad = validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignore_index,
                           defer_labels=True)
     x = embeddings.contiguous()
     w = weight.contiguous()
-    be = backends.select_backend(backend, x, w)
+    be = backends.select_backend(backend, x, w, x_dtype=autocast_operand_dtype(x, w))
     # Bad labels are memory-safe in every backend (they are only compared with class
     # columns, and the target gather clamps its index), so on CUDA the loss is queued
     # first and the labels checked after: the check's sync then waits for the loss's

@@ -137,13 +137,20 @@ def _reasons(name: str, x_hat: Tensor, w: Tensor) -> list[str]:
     return b.unsupported_reasons(x_hat, w)
 
 
-def select_backend(name: str, x_hat: Tensor, w: Tensor) -> Backend:
+def select_backend(name: str, x_hat: Tensor, w: Tensor,
+                   x_dtype: Optional[torch.dtype] = None) -> Backend:
     """Resolve ``backend=`` for these tensors.
 
     ``"auto"`` takes the first usable backend of the device's order; an explicit name
     that cannot run raises RuntimeError with its reasons (every candidate's reasons
-    for ``"auto"``).
+    for ``"auto"``). ``x_dtype``: the dtype the class loop will take x̂ in when it is
+    not x_hat's (under autocast, function.autocast_operand_dtype); the backends are
+    asked about that dtype.
     """
+    note = ""
+    if x_dtype is not None and x_dtype != x_hat.dtype:
+        x_hat = x_hat.new_empty((0, x_hat.shape[-1]), dtype=x_dtype)  # a probe: no data
+        note = f" (under torch.autocast the embeddings enter the class loop in {x_dtype})"
     if name == "auto":
         order = _AUTO_ORDER.get(x_hat.device.type, ("chunked",))
         why = {}
@@ -153,12 +160,12 @@ def select_backend(name: str, x_hat: Tensor, w: Tensor) -> Backend:
                 return _load(cand)
             why[cand] = r
         lines = "; ".join(f"{k}: {' / '.join(v)}" for k, v in why.items())
-        raise RuntimeError(f"no backend can run these inputs ({lines})")
+        raise RuntimeError(f"no backend can run these inputs ({lines}){note}")
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
     r = _reasons(name, x_hat, w)
     if r:
-        raise RuntimeError(f"backend {name!r} cannot run these inputs: " + " / ".join(r))
+        raise RuntimeError(f"backend {name!r} cannot run these inputs: " + " / ".join(r) + note)
     return _load(name)
 
 

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .api import FLOAT_DTYPES, LABEL_DTYPES, validate_inputs
-from .function import margin_softmax
+from .function import autocast_operand_dtype, margin_softmax
 from .margins import resolve_margin
 from .modules import INIT_STD
 
@@ -458,7 +458,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             w, offset = self.weight.index_select(0, index), 0
         else:
             w, offset = self.weight, self.class_start
-        be = backends.select_backend(self.backend, x, w)
+        be = backends.select_backend(self.backend, x, w, x_dtype=autocast_operand_dtype(x, w))
         return margin_softmax(x, w.contiguous(), labels, be.name, self._margin_name, self.m, self.s,
                               self.margin_grad, self.reduction, -1, offset, self.group)
 

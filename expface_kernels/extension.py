@@ -80,10 +80,11 @@ def _fused_fake(x_hat, w, target_logit, target_factor, labels, grad_row, s, bloc
 
 
 @torch.library.register_fake("expface_kernels::prologue")
-def _prologue_fake(x, w, labels, offset, ignore_index):
+def _prologue_fake(x, w, labels, offset, ignore_index, x_hat_dtype=None):
     acc = acc_dtype(x, w)
     b = x.shape[0]
-    return (x.new_empty(x.shape), x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=torch.int64),
+    return (x.new_empty(x.shape, dtype=x_hat_dtype or x.dtype), x.new_empty((b,), dtype=acc),
+            x.new_empty((b,), dtype=torch.int64),
             x.new_empty((b,), dtype=acc), x.new_empty((b,), dtype=acc))
 
 

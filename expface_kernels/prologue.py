@@ -17,6 +17,8 @@ C_local)``; "acc" is float64 when x or w is float64, else float32.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -46,24 +48,27 @@ def _use_ops(t: Tensor) -> bool:
     return USE_EXTENSION and t.device.type in OPS_DEVICES
 
 
-def target_cosine(x: Tensor, w: Tensor, labels: Tensor, offset: int,
-                  ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def target_cosine(x: Tensor, w: Tensor, labels: Tensor, offset: int, ignore_index: int,
+                  x_hat_dtype: Optional[torch.dtype] = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalise x and gather each row's target cosine in this block.
 
     Args:
         labels: (B,) int64/int32 global labels (ignore_index on ignored rows).
+        x_hat_dtype: the dtype x̂ is rounded to, default x's (the class loop's operand:
+            autocast's dtype under autocast, function.autocast_operand_dtype).
     Returns:
-        x_hat (B, D) x.dtype, x_inv (B,) acc (1/max(‖x_i‖, 1e-12)), labels (B,) int64
+        x_hat (B, D) x_hat_dtype, x_inv (B,) acc (1/max(‖x_i‖, 1e-12)), labels (B,) int64
         with −1 on ignored rows, kept (B,) acc (0 on ignored rows, else 1), c_t (B,) acc:
         x̂_i·W_col/max(‖W_col‖, 1e-12) with the rounded x̂, 0 where the label is not in
         the block (another rank's class, or an ignored row).
     """
     if _use_ops(x):
-        return torch.ops.expface_kernels.prologue(x, w, labels, int(offset), int(ignore_index))
+        return torch.ops.expface_kernels.prologue(x, w, labels, int(offset), int(ignore_index), x_hat_dtype)
     acc = acc_dtype(x, w)
     x_acc = x.to(acc)
     x_inv = inv_norm(x_acc, acc)
-    x_hat = (x_acc * x_inv.unsqueeze(1)).to(x.dtype)
+    x_hat = (x_acc * x_inv.unsqueeze(1)).to(x_hat_dtype or x.dtype)
     labels = labels.long()
     ignored = labels == ignore_index
     labels = torch.where(ignored, torch.full_like(labels, -1), labels)

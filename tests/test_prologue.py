@@ -54,7 +54,10 @@ def test_ops_are_used_where_built():
     (torch.float16, torch.float16), (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("b,c,d,offset", [(1, 1, 1, 0), (9, 13, 7, 0), (33, 20, 65, 5), (6, 0, 4, 3)])
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
-def test_target_cosine_matches_torch(device, x_dtype, w_dtype, b, c, d, offset, label_dtype):
+@pytest.mark.parametrize("x_hat_dtype", [None, torch.bfloat16, torch.float16])
+def test_target_cosine_matches_torch(device, x_dtype, w_dtype, b, c, d, offset, label_dtype, x_hat_dtype):
+    """x_hat_dtype: x̂ rounded to another dtype than x's (the class loop's operand under
+    autocast), c_t then taken with that rounded x̂."""
     g = torch.Generator().manual_seed(b * 100 + c)
     x = torch.randn(b, d, generator=g, dtype=torch.float64).to(device=device, dtype=x_dtype)
     w = (torch.randn(c, d, generator=g, dtype=torch.float64) * 3).to(device=device, dtype=w_dtype)
@@ -65,14 +68,15 @@ def test_target_cosine_matches_torch(device, x_dtype, w_dtype, b, c, d, offset, 
     if b > 3:
         x[3] = 0     # a zero embedding: x_inv = 1e12, x_hat = 0
     y = y.to(device=device, dtype=label_dtype)
-    got = prologue.target_cosine(x, w, y, offset, -100)
-    want = _torch_ref(prologue.target_cosine, x, w, y, offset, -100)
+    got = prologue.target_cosine(x, w, y, offset, -100, x_hat_dtype)
+    want = _torch_ref(prologue.target_cosine, x, w, y, offset, -100, x_hat_dtype)
     names = ("x_hat", "x_inv", "labels", "kept", "c_t")
     for a, e, name in zip(got, want, names):
         assert a.dtype == e.dtype and a.shape == e.shape and a.device == e.device, name
+    assert got[0].dtype == (x_hat_dtype or x_dtype)
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}[got[1].dtype]
-    rounding = 1e-2 if x_dtype in (torch.float16, torch.bfloat16) else tol  # x_hat's last bit may differ
+    rounding = 1e-2 if got[0].dtype in (torch.float16, torch.bfloat16) else tol  # x_hat's last bit may differ
     assert max_rel_err(got[0], want[0]) <= rounding, "x_hat"
     assert max_rel_err(got[1], want[1]) <= tol, "x_inv"
     assert max_rel_err(got[4], want[4]) <= max(rounding, tol), "c_t"
@@ -175,13 +179,14 @@ def _opcheck_cases(device="cpu"):
     y = torch.tensor([0, 3, -1, 8, 12, 2], device=device)
     yield "prologue", (x, w, y, 2, -1)
     yield "prologue", (x.double(), w.double(), y.int(), 0, 3)
+    yield "prologue", (x.float(), w, y, 1, -1, torch.bfloat16)
     c = torch.rand(6, device=device) * 2 - 1
     yield "margin_terms", (c, 3, 0.7, 0.0, 0.0, 64.0, True)
     yield "margin_terms", (c.double(), 5, 1.0, 0.5, 0.2, 30.0, False)
     yield "normalize_backward", (x, torch.rand(6, device=device) + 0.5, torch.randn(6, 5, device=device))
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck_cpu(case):
     name, args = list(_opcheck_cases())[case]
     torch.library.opcheck(getattr(OPS, name).default, args)
@@ -206,6 +211,8 @@ def test_opcheck_cuda():
      "w must be float16"),
     (lambda: OPS.prologue(torch.randn(3, 3), torch.randn(4, 3), torch.zeros(3, dtype=torch.long), -1, -1),
      "offset must be >= 0"),
+    (lambda: OPS.prologue(torch.randn(3, 3), torch.randn(4, 3), torch.zeros(3, dtype=torch.long), 0, -1, torch.int32),
+     "x_hat_dtype must be float16"),
     (lambda: OPS.margin_terms(torch.rand(3), 6, 0.5, 0.0, 0.0, 64.0, True), "margin must be a code"),
     (lambda: OPS.margin_terms(torch.rand(3).half(), 3, 0.5, 0.0, 0.0, 64.0, True), "c_t must be float32"),
     (lambda: OPS.margin_terms(torch.rand(3), 3, 0.5, 0.0, 0.0, 0.0, True), "s must be a finite positive"),

@@ -597,6 +597,27 @@ def test_api_mixed_dtypes_within_twice_the_low_precision_reference():
     assert got[1].dtype == torch.float16 and got[2].dtype == torch.float32
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast with the interpreter's kernels")
+def test_api_under_cpu_autocast():
+    """Under autocast x̂ reaches the kernels in the autocast dtype (function.
+    autocast_operand_dtype): bf16, which the interpreter cannot run, is refused with
+    autocast named in the reason; fp16 runs, as close to float64 as the naive fp16 loss
+    allows (DESIGN §5), with fp32 outputs for fp32 inputs."""
+    x, w, y = make_inputs(17, 130, 33, dtype=torch.float32, seed=17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="bfloat16 embeddings.*under torch.autocast"):
+            ek.margin_softmax_loss(x, w, y, backend="triton")
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = api("triton", x, w, y, "expface", s=16.0)
+    want = ground_truth(x, w, y, "expface", s=16.0)
+    xl, wl = x.detach().half().requires_grad_(), w.detach().half().requires_grad_()
+    low = loss_and_grads(lambda: ek.reference_loss(xl, wl, y, "expface", s=16.0, compute_dtype=torch.float16),
+                         xl, wl)
+    assert [t.dtype for t in got] == [torch.float32] * 3
+    for g, t, r, what in zip(got, want, low, ("loss", "grad_x", "grad_w")):
+        assert max_rel_err(g, t) <= 2 * max_rel_err(r, t) + 1e-6, (what, max_rel_err(g, t), max_rel_err(r, t))
+
+
 def test_torch_compile_fullgraph():
     """torch.compile(fullgraph=True) over the triton backend, forward and backward."""
     x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, seed=17, device=DEV, ignore=(3,))

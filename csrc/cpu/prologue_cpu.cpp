@@ -17,7 +17,7 @@ using at::Tensor;
 // Rows per parallel_for grain: the work per row is O(D), tiny next to a task's overhead.
 constexpr int64_t kRowGrain = 64;
 
-template <typename x_t, typename w_t, typename label_t>
+template <typename x_t, typename xh_t, typename w_t, typename label_t>
 void prologue_rows(const Tensor& x, const Tensor& w, const Tensor& labels, int64_t offset, int64_t ignore_index,
                    const Tensor& x_hat, const Tensor& x_inv, const Tensor& labels_out, const Tensor& kept,
                    const Tensor& c_t) {
@@ -26,7 +26,7 @@ void prologue_rows(const Tensor& x, const Tensor& w, const Tensor& labels, int64
   const x_t* X = x.const_data_ptr<x_t>();
   const w_t* W = w.const_data_ptr<w_t>();
   const label_t* Y = labels.const_data_ptr<label_t>();
-  x_t* XH = x_hat.mutable_data_ptr<x_t>();
+  xh_t* XH = x_hat.mutable_data_ptr<xh_t>();
   acc_t* XI = x_inv.mutable_data_ptr<acc_t>();
   int64_t* YO = labels_out.mutable_data_ptr<int64_t>();
   acc_t* K = kept.mutable_data_ptr<acc_t>();
@@ -47,9 +47,9 @@ void prologue_rows(const Tensor& x, const Tensor& w, const Tensor& labels, int64
       const bool in_block = col >= 0 && col < n;
       const w_t* wc = W + (in_block ? col : 0) * D;
       acc_t dot = 0, ww = 0;
-      x_t* xh = XH + i * D;
+      xh_t* xh = XH + i * D;
       for (int64_t d = 0; d < D; ++d) {
-        xh[d] = static_cast<x_t>(static_cast<acc_t>(xi[d]) * inv);
+        xh[d] = static_cast<xh_t>(static_cast<acc_t>(xi[d]) * inv);
         if (in_block) {
           const acc_t wv = static_cast<acc_t>(wc[d]);
           dot += static_cast<acc_t>(xh[d]) * wv;  // the rounded x_hat, as the class loop sees it
@@ -69,10 +69,14 @@ void prologue_cpu_kernel(const Tensor& x, const Tensor& w, const Tensor& labels,
                          const Tensor& c_t) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expface_prologue_x", [&] {
     using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "expface_prologue_w", [&] {
-      using w_t = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "expface_prologue_labels", [&] {
-        prologue_rows<x_t, w_t, index_t>(x, w, labels, offset, ignore_index, x_hat, x_inv, labels_out, kept, c_t);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "expface_prologue_x_hat", [&] {
+      using xh_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "expface_prologue_w", [&] {
+        using w_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "expface_prologue_labels", [&] {
+          prologue_rows<x_t, xh_t, w_t, index_t>(x, w, labels, offset, ignore_index, x_hat, x_inv, labels_out, kept,
+                                                 c_t);
+        });
       });
     });
   });
@@ -128,8 +132,9 @@ void normalize_backward_cpu_kernel(const Tensor& x, const Tensor& x_inv, const T
 const PrologueOps kCpuPrologueOps{prologue_cpu_kernel, margin_terms_cpu_kernel, normalize_backward_cpu_kernel};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prologue_cpu(const Tensor& x, const Tensor& w, const Tensor& labels,
-                                                                int64_t offset, int64_t ignore_index) {
-  return prologue_impl(kCpuPrologueOps, x, w, labels, offset, ignore_index);
+                                                                int64_t offset, int64_t ignore_index,
+                                                                std::optional<at::ScalarType> x_hat_dtype) {
+  return prologue_impl(kCpuPrologueOps, x, w, labels, offset, ignore_index, x_hat_dtype);
 }
 
 std::tuple<Tensor, Tensor> margin_terms_cpu(const Tensor& c_t, int64_t margin, double m1, double m2, double m3,

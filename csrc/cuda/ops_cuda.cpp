@@ -49,9 +49,10 @@ const PrologueOps kCudaPrologueOps{prologue_cuda_kernel, margin_terms_cuda_kerne
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prologue_cuda(const Tensor& x, const Tensor& w,
                                                                  const Tensor& labels, int64_t offset,
-                                                                 int64_t ignore_index) {
+                                                                 int64_t ignore_index,
+                                                                 std::optional<at::ScalarType> x_hat_dtype) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, w));
-  return prologue_impl(kCudaPrologueOps, x, w, labels, offset, ignore_index);
+  return prologue_impl(kCudaPrologueOps, x, w, labels, offset, ignore_index, x_hat_dtype);
 }
 
 std::tuple<Tensor, Tensor> margin_terms_cuda(const Tensor& c_t, int64_t margin, double m1, double m2, double m3,

@@ -39,14 +39,14 @@ void prologue_cuda_kernel(const Tensor& x, const Tensor& w, const Tensor& labels
     prologue_kernel<double><<<grid, kRowWarps * 32, 0, stream>>>(
         x.const_data_ptr(), float_tag(x.scalar_type()), w.const_data_ptr(), float_tag(w.scalar_type()),
         labels.const_data_ptr(), labels64, offset, ignore_index, B, D, n, x_hat.mutable_data_ptr(),
-        x_inv.mutable_data_ptr<double>(), labels_out.mutable_data_ptr<int64_t>(), kept.mutable_data_ptr<double>(),
-        c_t.mutable_data_ptr<double>());
+        float_tag(x_hat.scalar_type()), x_inv.mutable_data_ptr<double>(), labels_out.mutable_data_ptr<int64_t>(),
+        kept.mutable_data_ptr<double>(), c_t.mutable_data_ptr<double>());
   } else {
     prologue_kernel<float><<<grid, kRowWarps * 32, 0, stream>>>(
         x.const_data_ptr(), float_tag(x.scalar_type()), w.const_data_ptr(), float_tag(w.scalar_type()),
         labels.const_data_ptr(), labels64, offset, ignore_index, B, D, n, x_hat.mutable_data_ptr(),
-        x_inv.mutable_data_ptr<float>(), labels_out.mutable_data_ptr<int64_t>(), kept.mutable_data_ptr<float>(),
-        c_t.mutable_data_ptr<float>());
+        float_tag(x_hat.scalar_type()), x_inv.mutable_data_ptr<float>(), labels_out.mutable_data_ptr<int64_t>(),
+        kept.mutable_data_ptr<float>(), c_t.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -14,7 +14,7 @@ constexpr int kRowWarps = 8;  // rows (warps) per block of the B x D kernels
 template <typename acc_t>
 __global__ void prologue_kernel(const void* x, int x_tag, const void* w, int w_tag, const void* labels, bool labels64,
                                 int64_t offset, int64_t ignore_index, int64_t B, int64_t D, int64_t n, void* x_hat,
-                                acc_t* __restrict__ x_inv, int64_t* __restrict__ labels_out, acc_t* __restrict__ kept,
+                                int xh_tag, acc_t* __restrict__ x_inv, int64_t* __restrict__ labels_out, acc_t* __restrict__ kept,
                                 acc_t* __restrict__ c_t) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -36,7 +36,7 @@ __global__ void prologue_kernel(const void* x, int x_tag, const void* w, int w_t
   acc_t dot = 0, ww = 0;
   for (int64_t d = lane; d < D; d += 32) {
     // the rounded x_hat, as the class loop sees it
-    const acc_t xh = store_tagged<acc_t>(x_hat, base + d, x_tag, load_tagged<acc_t>(x, base + d, x_tag) * inv);
+    const acc_t xh = store_tagged<acc_t>(x_hat, base + d, xh_tag, load_tagged<acc_t>(x, base + d, x_tag) * inv);
     if (in_block) {
       const acc_t wv = load_tagged<acc_t>(w, wbase + d, w_tag);
       dot += xh * wv;
