@@ -232,19 +232,21 @@ def test_project_rows_kernels(emu, g_dtype, w_dtype, vec, n, D):
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                              (torch.float64, torch.float64), (torch.float16, torch.bfloat16)])
 @pytest.mark.parametrize("B,C,D,offset", [(11, 9, 37, 2), (1, 3, 1, 0), (4, 0, 8, 0)])
-def test_prologue_kernel_matches_cpu_op(emu, x_dtype, w_dtype, B, C, D, offset):
+@pytest.mark.parametrize("x_hat_dtype", [None, torch.bfloat16])  # bf16: x̂ under autocast
+def test_prologue_kernel_matches_cpu_op(emu, x_dtype, w_dtype, B, C, D, offset, x_hat_dtype):
     g = torch.Generator().manual_seed(B * D)
     x = torch.randn(B, D, generator=g).to(x_dtype)
     w = torch.randn(C, D, generator=g).to(w_dtype)
     y = torch.randint(-2, C + offset + 2, (B,), generator=g)
     if B > 3:
         x[3] = 0
-    want = torch.ops.expface_kernels.prologue(x, w, y, offset, -2)
+    want = torch.ops.expface_kernels.prologue(x, w, y, offset, -2, x_hat_dtype)
     got = [torch.empty_like(t) for t in want]
+    assert got[0].dtype == (x_hat_dtype or x_dtype)
     emu.prologue(x, w, y.int() if B % 2 else y, offset, -2, *got)
     for a, b, name in zip(got, want, ("x_hat", "x_inv", "labels", "kept", "c_t")):
         tol = 1e-12 if b.dtype == torch.float64 else 1e-5
-        if name == "x_hat" and x_dtype in (torch.float16, torch.bfloat16):
+        if name == "x_hat" and got[0].dtype in (torch.float16, torch.bfloat16):
             tol = 1e-2                                      # the last bit of a rounding may differ
         assert _rel(a, b) <= tol, name
 

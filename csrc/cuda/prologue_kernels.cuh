@@ -14,8 +14,8 @@ constexpr int kRowWarps = 8;  // rows (warps) per block of the B x D kernels
 template <typename acc_t>
 __global__ void prologue_kernel(const void* x, int x_tag, const void* w, int w_tag, const void* labels, bool labels64,
                                 int64_t offset, int64_t ignore_index, int64_t B, int64_t D, int64_t n, void* x_hat,
-                                int xh_tag, acc_t* __restrict__ x_inv, int64_t* __restrict__ labels_out, acc_t* __restrict__ kept,
-                                acc_t* __restrict__ c_t) {
+                                int xh_tag, acc_t* __restrict__ x_inv, int64_t* __restrict__ labels_out,
+                                acc_t* __restrict__ kept, acc_t* __restrict__ c_t) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= B) return;  // whole warps leave together

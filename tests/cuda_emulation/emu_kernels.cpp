@@ -126,8 +126,8 @@ void prologue(Tensor x, Tensor w, Tensor labels, int64_t offset, int64_t ignore_
     cuda_emu::launch(blocks(B, ek::kRowWarps), ek::kRowWarps * 32, [&] {
       ek::prologue_kernel<acc_t>(x.data_ptr(), ek::float_tag(x.scalar_type()), w.data_ptr(),
                                  ek::float_tag(w.scalar_type()), labels.data_ptr(), labels64, offset, ignore_index, B, D,
-                                 n, x_hat.data_ptr(), ek::float_tag(x_hat.scalar_type()), x_inv.data_ptr<acc_t>(), labels_out.data_ptr<int64_t>(),
-                                 kept.data_ptr<acc_t>(), c_t.data_ptr<acc_t>());
+                                 n, x_hat.data_ptr(), ek::float_tag(x_hat.scalar_type()), x_inv.data_ptr<acc_t>(),
+                                 labels_out.data_ptr<int64_t>(), kept.data_ptr<acc_t>(), c_t.data_ptr<acc_t>());
     });
   };
   if (x_inv.scalar_type() == at::kDouble) {
