@@ -138,7 +138,8 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
                           defer_labels=True)
     x = embeddings.contiguous()
     w = weight.contiguous()
-    be = backends.select_backend(backend, x, w, x_dtype=autocast_operand_dtype(x, w))
+    operand_dtype = autocast_operand_dtype(x, w)
+    be = backends.select_backend(backend, x, w, x_dtype=operand_dtype)
     # Bad labels are memory-safe in every backend (they are only compared with class
     # columns, and the target gather clamps its index), so on CUDA the loss is queued
     # first and the labels checked after: the check's sync then waits for the loss's
@@ -148,7 +149,7 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     # check first, 2.0 ms of it the class kernel; step 10.75 -> 10.09 ms in
     # bench/gpu_profile.py's split, 9.78 vs 9.91 ms in gpu_bench (within its noise).
     loss = margin_softmax(x, w, labels.contiguous(), be.name, spec.name, mv, float(s), margin_grad,
-                          reduction, ignore_index)
+                          reduction, ignore_index, operand_dtype=operand_dtype)
     if bad is not None:
         raise_label_errors(bad, labels, weight.shape[0], ignore_index)
     return loss

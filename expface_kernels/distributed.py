@@ -458,9 +458,10 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             w, offset = self.weight.index_select(0, index), 0
         else:
             w, offset = self.weight, self.class_start
-        be = backends.select_backend(self.backend, x, w, x_dtype=autocast_operand_dtype(x, w))
+        operand_dtype = autocast_operand_dtype(x, w)
+        be = backends.select_backend(self.backend, x, w, x_dtype=operand_dtype)
         return margin_softmax(x, w.contiguous(), labels, be.name, self._margin_name, self.m, self.s,
-                              self.margin_grad, self.reduction, -1, offset, self.group)
+                              self.margin_grad, self.reduction, -1, offset, self.group, operand_dtype)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

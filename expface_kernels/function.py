@@ -194,7 +194,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
 
 def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
                    margin_grad: str, reduction: str, ignore_index: int, offset: int = 0,
-                   group=None) -> Tensor:
+                   group=None, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The loss over one class block through :class:`MarginSoftmaxFunction`.
 
     Args:
@@ -203,11 +203,10 @@ def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: s
         backend: a name already resolved by :func:`backends.select_backend`.
         margin, m: a margins.MARGINS name and its resolved parameter.
         group: a process group whose ranks hold the other blocks, or None.
+        operand_dtype: x̂'s dtype in the class loop when not x's -- under autocast,
+            :func:`autocast_operand_dtype`, which the backend was selected for.
     Returns:
         The loss in the accumulation dtype ((B,) for ``reduction="none"``).
-    Under ``torch.autocast`` x̂ enters the class loop in the autocast dtype
-    (:func:`autocast_operand_dtype`; the backend must have been selected for it).
     """
     return MarginSoftmaxFunction.apply(x, w, labels, backend, margin, m, s, margin_grad, reduction,
-                                       ignore_index, offset, group, torch.is_grad_enabled(),
-                                       autocast_operand_dtype(x, w))
+                                       ignore_index, offset, group, torch.is_grad_enabled(), operand_dtype)
