@@ -4,8 +4,9 @@ The rule: inside an enabled autocast for the inputs' device type, x̂ (normalise
 x's own dtype, then rounded once) enters the class loop -- the target cosine included --
 in the autocast dtype; W is used as stored, and accumulation, the loss's dtype and the
 gradients' dtypes are as without autocast -- on every backend alike. Before this rule
-the chunked and reference backends had their matmuls recast by autocast (bf16 logits:
-a loss error of 1.2e-4 on the case below) while the extension ignored autocast.
+the chunked and reference backends had their matmuls recast by autocast (bf16 logits: a
+loss error of 3.9e-5 against float64 where the extension, which ignored autocast, had
+2.8e-8; B=16, C=300, D=64, fp32 inputs).
 """
 
 import pytest
