@@ -241,6 +241,10 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         stride_gwc=i32, stride_rp=i32, stride_ps=i32, stride_pb=i32, num_rpart=i32,
         dw_feat_tiles=i32, k_per_split=i32, dx_feat_tiles=i32, dx_row_tiles=i32,
         num_dx_programs=i32)
+    grad_logits_dw_sig = dict(
+        x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
+        gs_ptr=f32p, g_ptr=G, gw_ptr=W, B=i32, D=i32, c0=i32, cn=i32, s="fp32",
+        stride_xb=i32, stride_wc=i32, stride_gc=i32, stride_gwc=i32)
     jobs = []
     for fwd in fwds:
         t = fwd.tile
@@ -255,6 +259,19 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
         scale_g = gb.scales_g(gcfg, dd)
+        if gb.uses_fused_dw(gcfg, D):
+            block_d = max(16, triton.next_power_of_2(D))
+            jobs.append(("grad_logits_dw", gb._grad_logits_dw_kernel, g, grad_logits_dw_sig,
+                         dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_D=block_d,
+                              SCALE_G=scale_g, FAST_EXP2=True, EVEN_D=D == block_d),
+                         f"x{block_d}"))
+            jobs.append(("grad_x", gb._grad_wx_kernel, dx, grad_wx_sig,
+                         dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
+                              DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
+                              RPART_BLOCK=1, DW_EVEN=False,
+                              DX_EVEN=(C % dx.BLOCK_K == 0) and (D % dx.BLOCK_M == 0)
+                              and (B % dx.BLOCK_N == 0)), ""))
+            continue
         jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
                      dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
                           PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
