@@ -378,7 +378,12 @@ def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: to
         # (Triton 3.6 or 3.8): 64 rows a step (128-228 B at 2 stages; 201 KB), 4 warps
         # (2,808 B), 128 classes (2,712 B), fp16 (4 B: its unscaled-G projection), the
         # fp16-x/fp32-W pair (592-856 B). Not timed yet.
-        variants += [dict(g_tile=GemmTile(64, 32, g.BLOCK_K, 8, stages), fused_dw=True)
+        # Its dX launch has no dW tiles to fill the GPU beside it: twice the split-K
+        # partials (8 MiB: 128 dX programs a chunk on 132 SMs at B = 512 or 1024, D = 512,
+        # where 4 MiB gives 64; ~37 MiB of extra memory at B = 512, 0.9% of the naive
+        # loss's 4,100 MiB on the H200).
+        variants += [dict(g_tile=GemmTile(64, 32, g.BLOCK_K, 8, stages), fused_dw=True,
+                          max_dx_partial_bytes=2 * base.max_dx_partial_bytes)
                      for stages in (3, 4)]
     for v in variants:
         cand = GradsConfig(**{**base.__dict__, **v})
