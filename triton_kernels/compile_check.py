@@ -259,23 +259,17 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
         scale_g = gb.scales_g(gcfg, dd)
-        if gb.uses_fused_dw(gcfg, D):
+        if gb.uses_fused_dw(gcfg, D):  # then the grad_wx launch runs its dX tiles alone
             block_d = max(16, triton.next_power_of_2(D))
             jobs.append(("grad_logits_dw", gb._grad_logits_dw_kernel, g, grad_logits_dw_sig,
                          dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_D=block_d,
                               SCALE_G=scale_g, FAST_EXP2=True, EVEN_D=D == block_d),
                          f"x{block_d}"))
-            jobs.append(("grad_x", gb._grad_wx_kernel, dx, grad_wx_sig,
-                         dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
-                              DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
-                              RPART_BLOCK=1, DW_EVEN=False,
-                              DX_EVEN=(C % dx.BLOCK_K == 0) and (D % dx.BLOCK_M == 0)
-                              and (B % dx.BLOCK_N == 0)), ""))
-            continue
-        jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
-                     dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
-                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
-                          EVEN_K=D % g.BLOCK_K == 0), ""))
+        else:
+            jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
+                         dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
+                              PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
+                              EVEN_K=D % g.BLOCK_K == 0), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
                           DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
