@@ -67,11 +67,9 @@ def describe(cfg) -> str:
                 + (", warp-specialized (TMA)" if cfg.warp_specialize else ""))
     knobs = ("" if cfg.scale_g else ", G unscaled (dX scales W in registers)") + \
         (f", persistent G ({cfg.g_programs} programs)" if cfg.g_programs else "")
-    t = cfg.g_tile  # the fused kernel's K is all of D
-    kernels = (f"G+dW fused {t.BLOCK_M}x{t.BLOCK_N}xD/w{t.num_warps}s{t.num_stages}" if cfg.fused_dw else
-               f"G {_tile(cfg.g_tile)}, dW {_tile(cfg.dw_tile)}")
-    return (f"{kernels}, dX {_tile(cfg.dx_tile)}, chunk {cfg.chunk_bytes / 2**20:g} MiB, "
-            f"dX partials {cfg.max_dx_partial_bytes / 2**20:g} MiB{knobs}")
+    return (f"G {_tile(cfg.g_tile)}, dW {_tile(cfg.dw_tile)}, dX {_tile(cfg.dx_tile)}, "
+            f"chunk {cfg.chunk_bytes / 2**20:g} MiB, dX partials {cfg.max_dx_partial_bytes / 2**20:g} MiB"
+            + knobs)
 
 
 def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
@@ -283,13 +281,11 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
             cand = configs.GradsConfig(**{**base_g.__dict__, "chunk_bytes": mb << 20})
             if cand not in grd_c:
                 grd_c.append(cand)
-        # The fused G/dW backwards and the warp-specialized forwards last: they had never
-        # run on a GPU when added, and a device fault there would turn every later row
-        # into an error.
-        fwd_i, grd_i = list(enumerate(fwd_c)), list(enumerate(grd_c))
+        # The warp-specialized forwards last: they had never run on a GPU when added, and a
+        # device fault there would turn every later row into an error.
+        fwd_i = list(enumerate(fwd_c))
         todo = [("lse_partials", i, c) for i, c in fwd_i if not c.warp_specialize] + \
-               [("grads", i, c) for i, c in grd_i if not c.fused_dw] + \
-               [("grads", i, c) for i, c in grd_i if c.fused_dw] + \
+               [("grads", i, c) for i, c in enumerate(grd_c)] + \
                [("lse_partials", i, c) for i, c in fwd_i if c.warp_specialize]
         for prim, i, cfg in todo:
             if out_of_time():

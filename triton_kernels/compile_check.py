@@ -10,7 +10,9 @@ spills. Printed per kernel: shared memory per program (limit: 227 KB sm_90, 163 
 sm_80, 99 KB sm_86), registers per thread (255 max), spill bytes (want 0), and the count
 of cp.async / TMA copies in the TTGIR (0 means the GEMM loads were not software-
 pipelined). A warp-specialized kernel shows its warps as "producer+consumers" (4+8);
-one whose loop Triton left unspecialized fails the check.
+one whose loop Triton left unspecialized fails the check. So does a ptxas performance
+advisory: (C7515) "wgmma.mma_async instructions are serialized" means each wgmma of the
+kernel waits for the one before (triton_kernels/README.md "Tried": a fused G/dW kernel).
 
 Alignment: the launch specialises 16-byte-aligned pointers and integers divisible by 16
 (D = 512, strides, B); the compile here assumes the same, as a real launch at the
@@ -72,6 +74,7 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
         os.unlink(f.name)
     regs = re.findall(r"Used (\d+) registers", err)
     spills = re.findall(r"(\d+) bytes spill stores", err)
+    out["ptxas_advisories"] = ptxas_advisories(err)
     out["registers"] = int(regs[0]) if regs else -1
     out["spill_bytes"] = int(spills[0]) if spills else -1
     warps = out["launch_warps"]
@@ -81,6 +84,12 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     mma_warps = warps - tile.num_warps if out["warp_specialized"] else warps
     out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), mma_warps, cap)
     return out
+
+
+def ptxas_advisories(ptxas_log: str) -> list[tuple[str, str]]:
+    """(code, message) of each "Potential Performance Loss" line of ``ptxas -v`` output,
+    e.g. ("C7515", "wgmma.mma_async instructions are serialized due to ...")."""
+    return re.findall(r"\((C\d+)\) Potential Performance Loss: (.*?) in the function", ptxas_log)
 
 
 def _disassemble(cubin: bytes) -> str:
@@ -241,10 +250,6 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         stride_gwc=i32, stride_rp=i32, stride_ps=i32, stride_pb=i32, num_rpart=i32,
         dw_feat_tiles=i32, k_per_split=i32, dx_feat_tiles=i32, dx_row_tiles=i32,
         num_dx_programs=i32)
-    grad_logits_dw_sig = dict(
-        x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
-        gs_ptr=f32p, g_ptr=G, gw_ptr=W, B=i32, D=i32, c0=i32, cn=i32, s="fp32",
-        stride_xb=i32, stride_wc=i32, stride_gc=i32, stride_gwc=i32)
     jobs = []
     for fwd in fwds:
         t = fwd.tile
@@ -259,17 +264,10 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     for gcfg in grds:
         g, dw, dx = gcfg.g_tile, gcfg.dw_tile, gcfg.dx_tile
         scale_g = gb.scales_g(gcfg, dd)
-        if gb.uses_fused_dw(gcfg, D):  # then the grad_wx launch runs its dX tiles alone
-            block_d = max(16, triton.next_power_of_2(D))
-            jobs.append(("grad_logits_dw", gb._grad_logits_dw_kernel, g, grad_logits_dw_sig,
-                         dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_D=block_d,
-                              SCALE_G=scale_g, FAST_EXP2=True, EVEN_D=D == block_d),
-                         f"x{block_d}"))
-        else:
-            jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
-                         dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
-                              PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
-                              EVEN_K=D % g.BLOCK_K == 0), ""))
+        jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
+                     dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
+                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
+                          EVEN_K=D % g.BLOCK_K == 0), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,
                           DX_D=dx.BLOCK_M, DX_B=dx.BLOCK_N, DX_K=dx.BLOCK_K, SCALE_G=scale_g,
@@ -324,11 +322,13 @@ def main(argv=None) -> int:
             for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
                 lost_ws = r["wants_warp_specialization"] and not r["warp_specialized"]
                 ok = (r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
-                      and not r["ring_hazard"] and not lost_ws)
+                      and not r["ring_hazard"] and not lost_ws and not r["ptxas_advisories"])
                 bad += not ok
                 why = "" if ok else ("  <-- ring shallower than the stages with a wgmma in flight"
                                      if r["ring_hazard"] else "  <-- loop not warp-specialized"
-                                     if lost_ws else "  <-- check")
+                                     if lost_ws else "  <-- ptxas " + "; ".join(
+                                         f"{code}: {msg}" for code, msg in r["ptxas_advisories"])
+                                     if r["ptxas_advisories"] else "  <-- check")
                 warps = f"{r['warps']}+{r['launch_warps'] - r['warps']}" if r["warp_specialized"] else r["warps"]
                 print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {warps}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "

@@ -100,10 +100,6 @@ class GradsConfig:
         its range), so that the dX GEMM multiplies raw W tiles -- for a 16-bit W straight
         from shared memory -- instead of normalising each W tile in registers first
         (grads_backward's docstring has the instruction counts).
-    fused_dw: run the G kernel and the dW GEMM as one kernel per class tile
-        (grads_backward._grad_logits_dw_kernel: g_tile's M classes against all rows, its
-        N rows at a time; g_tile.BLOCK_K and dw_tile unused) where D <= FUSED_DW_MAX_D;
-        the dX GEMM still reads the chunk's G buffer.
     """
 
     g_tile: GemmTile
@@ -114,13 +110,6 @@ class GradsConfig:
     max_dx_partial_bytes: int
     g_programs: int = 0
     scale_g: bool = True
-    fused_dw: bool = False
-
-
-# The fused G/dW kernel holds a BLOCK_C x D fp32 dW accumulator through its row loop:
-# 64 x 512 = 128 registers a thread at 8 warps (255 in all on sm_90, no spill, bf16); a
-# larger D would spill, so it falls back to the two-kernel form there.
-FUSED_DW_MAX_D = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,21 +359,6 @@ def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: to
         # compile_check on sm_80/sm_90, 2026-12-02: dropped; "two" is the 4-warp variant.)
         dict(max_dx_partial_bytes=base.max_dx_partial_bytes * 2),
     ]
-    if device_kind(device)[0] == "hopper" and dot_dtype == torch.bfloat16 and D <= FUSED_DW_MAX_D:
-        # The fused G/dW kernel: 64 classes x all D on chip, 32 rows a step, 8 warps.
-        # sm_90, bf16, D = 512 (compile_check, 2026-12-03): 3 / 4 stages 165 / 198 KB of
-        # shared memory, 255 registers, no spill, 445 SASS instructions a row step with
-        # Triton 3.6 (issue ratio 0.87; 421 / 0.82 with 3.8). Not offered where it spilled
-        # (Triton 3.6 or 3.8): 64 rows a step (128-228 B at 2 stages; 201 KB), 4 warps
-        # (2,808 B), 128 classes (2,712 B), fp16 (4 B: its unscaled-G projection), the
-        # fp16-x/fp32-W pair (592-856 B). Not timed yet.
-        # Its dX launch has no dW tiles to fill the GPU beside it: twice the split-K
-        # partials (8 MiB: 128 dX programs a chunk on 132 SMs at B = 512 or 1024, D = 512,
-        # where 4 MiB gives 64; ~37 MiB of extra memory at B = 512, 0.9% of the naive
-        # loss's 4,100 MiB on the H200).
-        variants += [dict(g_tile=GemmTile(64, 32, g.BLOCK_K, 8, stages), fused_dw=True,
-                          max_dx_partial_bytes=2 * base.max_dx_partial_bytes)
-                     for stages in (3, 4)]
     for v in variants:
         cand = GradsConfig(**{**base.__dict__, **v})
         if cand not in out:

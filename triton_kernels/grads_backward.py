@@ -44,13 +44,6 @@ The epilogue works in log2 units (common.exp2): p = 2^(acc * inv*s*log2(e) - lse
 one FFMA and one ex2 a logit; the target column is substituted only in the class tiles
 that hold a target of the tile's rows.
 
-Fused form (configs.GradsConfig.fused_dw, D <= 512; opt-in, a Hopper bf16 autotune
-candidate): ``_grad_logits_dw_kernel`` does 1. and 2. in one program per class tile --
-its W tile (all D features) stays on chip while it walks every row tile, G goes from
-registers into the dW GEMM, r_j is summed in the program -- and writes G^T only for 3.,
-which ``_grad_wx_kernel`` then runs alone. The same GEMMs; no r partials, no dW-side
-read of G^T or re-read of W.
-
 4 GEMM-equivalents in all (forward, recompute, dW, dX). Extra memory: gbuf (budget) +
 rpart (row_tiles x chunk fp32) + part (splits x B x D fp32, capped) -- O(B*D + chunk*B).
 All offsets int64. A GEMM operand is masked only where a launch can be ragged (a short
@@ -123,6 +116,7 @@ def _grad_logits_tile(
     lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # class inside the chunk
     col_ok = lcols < cn
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
 
     # The GEMM's loads are unmasked in M and N: padding classes / rows read the last
     # valid one (clamped), and their results are never stored (see the epilogue), so
@@ -138,21 +132,6 @@ def _grad_logits_tile(
                      input_precision=INPUT_PRECISION)
 
     inv = tl.load(winv_ptr + lcols.to(tl.int64) + c0, mask=col_ok, other=0.0).to(tl.float32)
-    c_lo = pid_c * BLOCK_C
-    g = _g_of_tile(acc, inv, rows, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr, c0 + c_lo, s,
-                   BLOCK_C, FAST_EXP2)
-    _store_g(g_ptr, g, inv, c_lo, pid_b * BLOCK_B, cn, B, stride_gc, BLOCK_C, BLOCK_B, SCALE_G)
-    # r_j partial over this row tile: sum_i G_ij c_ij = inv_j * sum_i G_ij acc_ij (the
-    # radial part of g_j; unscaled G).
-    r = tl.sum(g * acc, axis=1) * inv
-    tl.store(rpart_ptr + pid_b.to(tl.int64) * stride_rp + lcols, r, mask=col_ok)
-
-
-@triton.jit
-def _g_of_tile(acc, inv, rows, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr, b_lo, s,
-               BLOCK_C: tl.constexpr, FAST_EXP2: tl.constexpr):
-    """G (fp32, classes x rows) of one recomputed tile acc = W_tile @ x_hat^T (unscaled by
-    the inverse norms ``inv``); ``b_lo``: the tile's first class inside the block."""
     # Per-row operands as the host prepared them (grads: one op each per call, not per
     # tile), padded to whole row tiles so that the loads need no mask: the target column
     # inside the block (int32 where C < 2^31; -1: ignored, another block, padding),
@@ -165,6 +144,7 @@ def _g_of_tile(acc, inv, rows, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr, b_lo, s,
     lse2 = tl.load(lse2_ptr + rows)
     gs = tl.load(gs_ptr + rows)
     tgrad = tl.load(tgrad_ptr + rows)
+
     # fp32 all the way: p = exp(s*c - lse) = 2^(acc * inv*s*log2(e) - lse*log2(e)) <= 1
     # (one FFMA and one ex2 a logit), G = grad_row * s * p. Padding columns (inv 0) are
     # never stored, and r is summed per column.
@@ -172,104 +152,24 @@ def _g_of_tile(acc, inv, rows, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr, b_lo, s,
     # Target column: (p - 1) * factor * grad_row, formed by the caller before any rounding.
     # A row's target lies in one class tile: the per-logit compare only in tiles that
     # hold a target of these rows.
+    c_lo = pid_c * BLOCK_C
+    b_lo = c0 + c_lo  # the tile's first class inside the block
     hit = (tcol >= b_lo) & (tcol < b_lo + BLOCK_C)
     if tl.max(hit.to(tl.int32), axis=0) > 0:
         g = tl.where((b_lo + tl.arange(0, BLOCK_C))[:, None] == tcol[None, :], tgrad[None, :], g)
-    return g
-
-
-@triton.jit
-def _store_g(g_ptr, g, inv, c_lo, b0, cn, B, stride_gc,
-             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, SCALE_G: tl.constexpr):
-    """G^T tile -> the chunk buffer at classes [c_lo, +BLOCK_C) x rows [b0, +BLOCK_B), in
-    the buffer's dtype; returns the stored (rounded) values."""
-    rows = b0 + tl.arange(0, BLOCK_B)
     # SCALE_G: the buffer holds G_ij * inv_j (see the module docstring), rounded once.
     g_out = (g * inv[:, None] if SCALE_G else g).to(g_ptr.dtype.element_ty)
     # int64 tile base + int32 in-tile offsets (BLOCK_C * B < 2^31): cheaper addresses.
     g_tile = g_ptr + c_lo.to(tl.int64) * stride_gc
     g_ptrs = g_tile + tl.arange(0, BLOCK_C)[:, None] * stride_gc + rows[None, :]
-    if (c_lo + BLOCK_C <= cn) & (b0 + BLOCK_B <= B):
+    if (c_lo + BLOCK_C <= cn) & (pid_b * BLOCK_B + BLOCK_B <= B):
         tl.store(g_ptrs, g_out)  # interior tile: no per-element mask
     else:
-        ok = ((c_lo + tl.arange(0, BLOCK_C)) < cn)[:, None] & (rows < B)[None, :]
-        tl.store(g_ptrs, g_out, mask=ok)
-    return g_out
-
-
-@triton.jit
-def _projected_grad_w(acc, wt, inv, r, SCALE_G: tl.constexpr):
-    """grad_W rows from acc = G^T @ x_hat (SCALE_G: (G * inv)^T @ x_hat), the raw W tile
-    ``wt`` and r_j = sum_i G_ij c_ij: grad_W_j = inv_j * (g_j - w_hat_j * r_j) = inv_j * g_j
-    - W_j * (r_j * inv_j^2); no radial projection where the norm was clamped
-    (F.normalize's backward)."""
-    q = tl.where(inv < 1e12, r * inv * inv, 0.0)
-    if SCALE_G:
-        return acc - wt.to(tl.float32) * q[:, None]  # acc = inv_j * g_j already
-    return acc * inv[:, None] - wt.to(tl.float32) * q[:, None]
-
-
-@triton.jit
-def _grad_logits_dw_kernel(
-    x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr,
-    g_ptr, gw_ptr,
-    B, D, c0, cn, s,
-    stride_xb, stride_wc, stride_gc, stride_gwc,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
-    FAST_EXP2: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    """The G kernel and the dW GEMM in one program per class tile (GradsConfig.fused_dw):
-    classes [pid*BC, +BC) of the chunk against every row tile in turn.
-
-    The W tile (BLOCK_C x all D features, BLOCK_D = D rounded up to a power of two) is
-    loaded once and stays on chip for the whole row loop; per row tile the x_hat tile
-    (BLOCK_B x BLOCK_D) is the B operand of both GEMMs: S^T = W @ x_hat^T (the recompute,
-    K = D), then acc_w += G @ x_hat (dW, K = BLOCK_B) with G straight from registers. r_j
-    is summed in the program, so there are no r partials, and grad_W is written once with
-    its projection. G^T still goes to the chunk buffer for the dX GEMM (_grad_wx_kernel
-    with dX tiles only). Against the two-kernel form: the dW GEMM's G reads, its W re-read
-    and the r partials disappear, and the two launches' fill and epilogue tails become one.
-    The cost: a BLOCK_C x BLOCK_D fp32 accumulator for the whole loop (64 x 512 = 128
-    registers a thread at 8 warps), hence D <= configs.FUSED_DW_MAX_D."""
-    pid_c = tl.program_id(0)
-    c_lo = pid_c * BLOCK_C
-    lcols = c_lo + tl.arange(0, BLOCK_C)
-    col_ok = lcols < cn
-    feats = tl.arange(0, BLOCK_D)
-    f_ok = (feats < D)[None, :]
-    # Padding classes read the last valid W row (clamped, never stored); features past D
-    # are masked (zeros add nothing to either GEMM) unless D fills BLOCK_D (EVEN_D).
-    w_rows = (tl.minimum(lcols, cn - 1).to(tl.int64) + c0)[:, None] * stride_wc
-    w_op = cast_for_dot(load_tile(w_ptr + w_rows + feats[None, :], f_ok, not EVEN_D), DOT_KIND)
-    inv = tl.load(winv_ptr + lcols.to(tl.int64) + c0, mask=col_ok, other=0.0).to(tl.float32)
-
-    acc_w = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    rg = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)  # G_ij * acc_ij, summed over rows at the end
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        x_rows = tl.minimum(rows, B - 1).to(tl.int64)[:, None] * stride_xb
-        x_op = cast_for_dot(load_tile(x_ptr + x_rows + feats[None, :], f_ok, not EVEN_D), DOT_KIND)
-        acc = tl.dot(w_op, tl.trans(x_op), input_precision=INPUT_PRECISION)  # S^T tile
-        g = _g_of_tile(acc, inv, rows, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr, c0 + c_lo, s,
-                       BLOCK_C, FAST_EXP2)
-        g_out = _store_g(g_ptr, g, inv, c_lo, b0, cn, B, stride_gc, BLOCK_C, BLOCK_B, SCALE_G)
-        rg += g * acc
-        # dW from the rounded G the dX GEMM reads too (as the two-kernel form does).
-        acc_w = tl.dot(cast_for_dot(g_out, DOT_KIND), x_op, acc_w, input_precision=INPUT_PRECISION)
-
-    # The raw W tile again for the projection (from L2; keeping it in registers through
-    # the loop would cost BLOCK_C * BLOCK_D / threads more of them, twice that for fp32 W).
-    # Clamped rows and, where D fills BLOCK_D, no mask: a [BLOCK_C, BLOCK_D] predicate
-    # costs registers the dW accumulator needs (48 bytes of spill on sm_90 with Triton
-    # 3.6 at 64 x 32 x 512, bf16; none without).
-    wt = load_tile(w_ptr + w_rows + feats[None, :], f_ok, not EVEN_D)
-    out = _projected_grad_w(acc_w, wt, inv, tl.sum(rg, axis=1) * inv, SCALE_G).to(gw_ptr.dtype.element_ty)
-    gw_ptrs = gw_ptr + (lcols.to(tl.int64) + c0)[:, None] * stride_gwc + feats[None, :]
-    if EVEN_D & (c_lo + BLOCK_C <= cn):
-        tl.store(gw_ptrs, out)
-    else:
-        tl.store(gw_ptrs, out, mask=col_ok[:, None] & f_ok)
+        tl.store(g_ptrs, g_out, mask=col_ok[:, None] & row_ok[None, :])
+    # r_j partial over this row tile: sum_i G_ij c_ij = inv_j * sum_i G_ij acc_ij (the
+    # radial part of g_j; unscaled G).
+    r = tl.sum(g * acc, axis=1) * inv
+    tl.store(rpart_ptr + pid_b.to(tl.int64) * stride_rp + lcols, r, mask=col_ok)
 
 
 @triton.jit
@@ -305,6 +205,9 @@ def _grad_w_tile(
     inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
     ok2 = col_ok[:, None] & f_ok[None, :]
     wt = tl.load(w_ptr + cols64[:, None] * stride_wc + feats[None, :], mask=ok2, other=0.0)
+    # grad_W_j = inv_j * (g_j - w_hat_j * r_j) = inv_j * g_j - W_j * (r_j * inv_j^2); no
+    # radial projection where the norm was clamped (F.normalize's backward).
+    q = tl.where(inv < 1e12, r * inv * inv, 0.0)
 
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     g_row_ptr = g_ptr + tl.minimum(lcols, cn - 1).to(tl.int64)[:, None] * stride_gc
@@ -317,7 +220,10 @@ def _grad_w_tile(
         acc = tl.dot(cast_for_dot(gt, DOT_KIND), cast_for_dot(xt, DOT_KIND), acc,
                      input_precision=INPUT_PRECISION)
 
-    out = _projected_grad_w(acc, wt, inv, r, SCALE_G)
+    if SCALE_G:
+        out = acc - wt.to(tl.float32) * q[:, None]  # acc = inv_j * g_j already
+    else:
+        out = acc * inv[:, None] - wt.to(tl.float32) * q[:, None]
     tl.store(gw_ptr + cols64[:, None] * stride_gwc + feats[None, :],
              out.to(gw_ptr.dtype.element_ty), mask=ok2)
 
@@ -410,13 +316,6 @@ def scales_g(cfg: configs.GradsConfig, dot_dtype: torch.dtype) -> bool:
     return cfg.scale_g and dot_dtype != torch.float16
 
 
-def uses_fused_dw(cfg: configs.GradsConfig, D: int) -> bool:
-    """Whether grads() runs _grad_logits_dw_kernel: the config asks for it and D fits its
-    on-chip dW accumulator (D <= configs.FUSED_DW_MAX_D; otherwise the two-kernel form,
-    whatever the config says)."""
-    return cfg.fused_dw and D <= configs.FUSED_DW_MAX_D
-
-
 def chunk_plan(B: int, C: int, D: int, g_elem: int, cfg: configs.GradsConfig
                ) -> tuple[int, int, int]:
     """(classes per chunk, grad_x splits, classes per split) of a backward.
@@ -498,42 +397,27 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
     lse2 = F.pad(lse * LOG2E.value, (0, pad), value=float("inf"))
     gs = F.pad(grad_row * float(s), (0, pad), value=0.0)
     tgrad = F.pad(target_grad, (0, pad), value=0.0)
-    fused = uses_fused_dw(cfg, D)
     gbuf = torch.empty((chunk, B), dtype=dd, device=dev)         # G^T of one chunk
-    # r_j partials per row tile (the fused kernel sums r in its program: none there)
-    rpart = torch.empty((0 if fused else g_rows, chunk), dtype=f32, device=dev)
+    rpart = torch.empty((g_rows, chunk), dtype=f32, device=dev)  # r_j partials per row tile
     part = torch.zeros((splits, B, D), dtype=f32, device=dev)    # grad_x split-K partials
     dw_feat = triton.cdiv(D, tw.BLOCK_N)
     dx_feat = triton.cdiv(D, tx.BLOCK_M)
     dx_rows = triton.cdiv(B, tx.BLOCK_N)
     for c0 in range(0, C, chunk):
         cn = min(chunk, C - c0)
+        g_tiles = triton.cdiv(cn, tg.BLOCK_M) * g_rows
+        _grad_logits_kernel[(min(g_tiles, cfg.g_programs) if cfg.g_programs else g_tiles,)](
+            x_hat, w, w_inv_norm, tcol, lse2, tgrad, gs, gbuf, rpart,
+            B, D, c0, cn, float(s),
+            x_hat.stride(0), w.stride(0), gbuf.stride(0), rpart.stride(0),
+            g_rows,
+            BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
+            DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0, SCALE_G=scale_g,
+            FAST_EXP2=fast_exp2(dev), EVEN_K=D % tg.BLOCK_K == 0,
+            num_warps=tg.num_warps, num_stages=tg.num_stages,
+        )
         n_dx = dx_feat * dx_rows * triton.cdiv(cn, per)
-        if fused:  # G and grad_W of the chunk; the launch below runs only dX tiles
-            block_d = max(16, triton.next_power_of_2(D))
-            _grad_logits_dw_kernel[(triton.cdiv(cn, tg.BLOCK_M),)](
-                x_hat, w, w_inv_norm, tcol, lse2, tgrad, gs, gbuf, grad_w,
-                B, D, c0, cn, float(s),
-                x_hat.stride(0), w.stride(0), gbuf.stride(0), grad_w.stride(0),
-                BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_D=block_d,
-                DOT_KIND=kind, INPUT_PRECISION=prec, SCALE_G=scale_g,
-                FAST_EXP2=fast_exp2(dev), EVEN_D=D == block_d,
-                num_warps=tg.num_warps, num_stages=tg.num_stages,
-            )
-            n_dw = 0
-        else:
-            g_tiles = triton.cdiv(cn, tg.BLOCK_M) * g_rows
-            _grad_logits_kernel[(min(g_tiles, cfg.g_programs) if cfg.g_programs else g_tiles,)](
-                x_hat, w, w_inv_norm, tcol, lse2, tgrad, gs, gbuf, rpart,
-                B, D, c0, cn, float(s),
-                x_hat.stride(0), w.stride(0), gbuf.stride(0), rpart.stride(0),
-                g_rows,
-                BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
-                DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0,
-                SCALE_G=scale_g, FAST_EXP2=fast_exp2(dev), EVEN_K=D % tg.BLOCK_K == 0,
-                num_warps=tg.num_warps, num_stages=tg.num_stages,
-            )
-            n_dw = triton.cdiv(cn, tw.BLOCK_M) * dw_feat
+        n_dw = triton.cdiv(cn, tw.BLOCK_M) * dw_feat
         _grad_wx_kernel[(n_dx + n_dw,)](
             gbuf, x_hat, w, w_inv_norm, rpart, grad_w, part,
             B, D, c0, cn,
