@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor
 
 from . import backends
 from .function import autocast_operand_dtype, margin_softmax
-from .margins import MARGIN_GRADS, resolve_margin
+from .margins import MARGIN_GRADS, is_finite_number, resolve_margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -89,7 +88,7 @@ def validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignor
         raise ValueError(f"weight is on {weight.device} but embeddings are on {embeddings.device}")
     if labels.device != embeddings.device:
         raise ValueError(f"labels are on {labels.device} but embeddings are on {embeddings.device}")
-    if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
+    if not (is_finite_number(s) and s > 0):
         raise ValueError(f"s must be a finite number > 0, got {s!r}")
     if margin_grad not in MARGIN_GRADS:
         raise ValueError(f"margin_grad must be one of {list(MARGIN_GRADS)}, got {margin_grad!r}")

@@ -63,7 +63,6 @@ not exchanged, which would cost a sync.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -73,7 +72,7 @@ from torch import Tensor, nn
 from . import backends
 from .api import FLOAT_DTYPES, LABEL_DTYPES, validate_inputs
 from .function import autocast_operand_dtype, margin_softmax
-from .margins import resolve_margin
+from .margins import is_finite_number, resolve_margin
 from .modules import INIT_STD
 
 INIT_CHUNK_ROWS = 4096
@@ -287,8 +286,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             raise ValueError(f"sample_rate must be a number in [0, 1], got {sample_rate!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if embedding_grad_scale is not None and not (
-                isinstance(embedding_grad_scale, (int, float)) and math.isfinite(embedding_grad_scale)):
+        if embedding_grad_scale is not None and not is_finite_number(embedding_grad_scale):
             raise ValueError("embedding_grad_scale must be a finite number or None, "
                              f"got {embedding_grad_scale!r}")
         if backend != "auto" and backend not in backends.BACKEND_NAMES:

@@ -126,13 +126,17 @@ class Margin:
         return self.dpsi_theta(theta, m) / (-torch.sin(theta))
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_finite_number(v) -> bool:
+    """A finite int or float (not a bool; NaN fails both comparisons). Comparisons rather
+    than math.isfinite: under torch.compile(dynamic=True) Dynamo traces a float keyword
+    default (s=64.0, m=0.7) as a symbolic float, which math.isfinite cannot take and a
+    comparison turns into a guard."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and -math.inf < v < math.inf
 
 
 def _check_scalar(lo: float, hi: float, lo_open: bool, hi_open: bool, text: str):
     def check(m) -> str | None:
-        if not _is_real(m):
+        if not is_finite_number(m):
             return f"must be a finite float ({text}), got {m!r}"
         ok_lo = m > lo if lo_open else m >= lo
         ok_hi = m < hi if hi_open else m <= hi
@@ -142,7 +146,7 @@ def _check_scalar(lo: float, hi: float, lo_open: bool, hi_open: bool, text: str)
 
 
 def _check_combined(m) -> str | None:
-    if not (isinstance(m, (tuple, list)) and len(m) == 3 and all(_is_real(v) for v in m)):
+    if not (isinstance(m, (tuple, list)) and len(m) == 3 and all(is_finite_number(v) for v in m)):
         return f"must be a tuple (m1, m2, m3) of three finite floats, got {m!r}"
     m1, m2, m3 = m
     if m1 <= 0 or m2 < 0 or m3 < 0:

@@ -288,3 +288,18 @@ def test_compile_fullgraph(backend):
     want = run(backend, x, w, y)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_dynamic_shapes(backend):
+    """torch.compile(dynamic=True), batch size changing between calls: Dynamo traces the
+    keyword defaults s=64.0 and m=0.7 of expface_loss as symbolic floats, and the argument
+    checks must take them (math.isfinite could not: "torch.* op returned non-Tensor")."""
+    fn = torch.compile(lambda a, b, t: ek.expface_loss(a, b, t, backend=backend),
+                       fullgraph=True, dynamic=True, backend="aot_eager")
+    for b in (5, 9):
+        x, w, y = make_inputs(b, 300, 8, dtype=torch.float32, ignore=(1,), seed=b)
+        got = loss_and_grads(lambda: fn(x, w, y), x, w)
+        want = run(backend, x, w, y)
+        for a, r in zip(got, want):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)

@@ -649,6 +649,19 @@ def test_torch_compile_fullgraph():
     assert_close_to_truth(got, want, 2e-5)
 
 
+def test_torch_compile_dynamic_shapes():
+    """torch.compile(dynamic=True) over the triton backend with the batch size changing:
+    the custom ops' fake impls take symbolic B, the keyword defaults s and m arrive as
+    symbolic floats (tests/test_loss.py has the same for the other backends)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, t: ek.expface_loss(a, b, t, backend="triton"),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    for b in (5, 9):
+        x, w, y = make_inputs(b, 37, 7, dtype=torch.float32, seed=b, device=DEV, ignore=(3,))
+        got = loss_and_grads(lambda: compiled(x, w, y), x, w)
+        assert_close_to_truth(got, ground_truth(x, w, y, "expface"), 2e-5)
+
+
 # --------------------------------------------------------------------------------------
 # GPU only.
 
