@@ -159,6 +159,15 @@ class MarginSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the engine runs this in grad mode only then. The
+            # gradients below are kernel outputs, not differentiable: returned as they are,
+            # a gradient penalty built on them would silently lose this loss's terms (the
+            # extension returned them so; chunked / reference failed on an in-place op).
+            raise RuntimeError(
+                "margin_softmax_loss: double backward (create_graph=True) is not supported: "
+                "every backend's backward is hand-written (kernels, in-place PyTorch ops) and "
+                "not itself differentiable")
         # On CPU the engine runs this on the caller's thread, inside its autocast if any.
         with _autocast_off(grad_out.device.type):
             return MarginSoftmaxFunction._backward(ctx, grad_out)

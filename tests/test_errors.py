@@ -25,6 +25,20 @@ def test_label_out_of_range(backend, label):
         call(y=y, backend=backend)
 
 
+@pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])
+def test_double_backward_raises(backend):
+    """create_graph=True (a gradient penalty, say): a clear error on every backend, not a
+    second derivative without this loss's terms (what the extension gave before) or an
+    in-place error from inside autograd (chunked, reference). A plain backward still runs."""
+    x, w, y = ok()
+    x.requires_grad_()
+    w.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(call(x, w, y, backend=backend), (x, w), create_graph=True)
+    gx, gw = torch.autograd.grad(call(x, w, y, backend=backend), (x, w))
+    assert gx.shape == x.shape and gw.shape == w.shape and gx.abs().sum() > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "extension", "auto"])
 @pytest.mark.parametrize("label", [10, -2, 2**40])
