@@ -63,12 +63,12 @@ def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
         why.append(_INTERPRETER_CONFLICT)
     for name, t in (("embeddings", x_hat), ("weight", w)):
         if t.dtype == torch.float64:
-            why.append(f"float64 {name} are not supported by the Triton kernels "
+            why.append(f"{name} dtype float64 is not supported by the Triton kernels "
                        f"(use backend='chunked' or 'reference')")
         elif t.dtype not in _SUPPORTED:
-            why.append(f"{t.dtype} {name} are not supported by the Triton kernels")
+            why.append(f"{name} dtype {t.dtype} is not supported by the Triton kernels")
         elif t.dtype == torch.bfloat16 and (_INTERPRETED or dev == "cpu"):
-            why.append(f"bfloat16 {name} are not supported by the Triton interpreter")
+            why.append(f"{name} dtype bfloat16 is not supported by the Triton interpreter")
     return why
 
 
