@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -94,7 +95,10 @@ def validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignor
         raise ValueError(f"margin_grad must be one of {list(MARGIN_GRADS)}, got {margin_grad!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    # numbers.Integral takes numpy ints too (reached only when not an int: see
+    # margins.is_finite_number on why Dynamo must not see it for ints).
+    if not (isinstance(ignore_index, int) or isinstance(ignore_index, numbers.Integral)) \
+            or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     n = weight.shape[0] if num_classes is None else num_classes
     if defer_labels and labels.is_cuda and not torch.compiler.is_compiling():
@@ -148,7 +152,7 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     # check first, 2.0 ms of it the class kernel; step 10.75 -> 10.09 ms in
     # bench/gpu_profile.py's split, 9.78 vs 9.91 ms in gpu_bench (within its noise).
     loss = margin_softmax(x, w, labels.contiguous(), be.name, spec.name, mv, float(s), margin_grad,
-                          reduction, ignore_index, operand_dtype=operand_dtype)
+                          reduction, int(ignore_index), operand_dtype=operand_dtype)
     if bad is not None:
         raise_label_errors(bad, labels, weight.shape[0], ignore_index)
     return loss

@@ -308,7 +308,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         self.class_start, self.num_local = shard_bounds(num_classes, self.world_size, self.rank)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.s, self.margin_grad = margin, float(s), margin_grad
-        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.reduction, self.ignore_index, self.backend = reduction, int(ignore_index), backend
         self.sample_rate = float(sample_rate)
         self.num_sample = int(self.sample_rate * self.num_local)
         self.embedding_grad_scale = float(self.world_size if embedding_grad_scale is None

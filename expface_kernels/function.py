@@ -73,28 +73,59 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-class MarginSoftmaxFunction(torch.autograd.Function):
-    """Margin-softmax cross-entropy over one class block (see the module docstring).
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the gradients through and raises when they are differentiated.
 
-    Call it through :func:`margin_softmax` (which passes the grad mode); arguments there.
+    What backward returns under create_graph=True, the only case in which the engine
+    runs it in grad mode: ``torch.func.grad`` always passes it, so raising there would
+    refuse first-order torch.func, and returning the kernel outputs as they are would let
+    a gradient penalty silently lose this loss's second-order terms (the extension did so
+    before). Tied to the Function's input ``anchor`` (which requires grad), the outputs
+    are differentiable and differentiating them raises. (torch's ``once_differentiable``
+    attaches its error only when grad_out requires grad, which a penalty's
+    ``torch.autograd.grad(loss, x, create_graph=True)`` does not.)
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m,
-                s: float, margin_grad: str, reduction: str, ignore_index: int, offset: int,
-                group, grad_enabled: bool, operand_dtype: Optional[torch.dtype]):
+    def forward(anchor: Tensor, gx: Tensor, gw: Tensor):
+        return gx.view_as(gx), gw.view_as(gw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "margin_softmax_loss: double backward is not supported: every backend's backward "
+            "is hand-written (kernels, in-place PyTorch ops) and not itself differentiable")
+
+
+class MarginSoftmaxFunction(torch.autograd.Function):
+    """Margin-softmax cross-entropy over one class block (see the module docstring).
+
+    Call it through :func:`margin_softmax` (which passes whether gradients are needed);
+    arguments there. forward returns the loss first, then what backward needs (none of
+    it differentiable); forward / setup_context are apart so that ``torch.func.grad``
+    (first order) and torch.compile take the Function.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
+                margin_grad: str, reduction: str, ignore_index: int, offset: int, group,
+                need_grad: bool, operand_dtype: Optional[torch.dtype]):
         # Autocast off inside: the class loop's dtypes are decided by operand_dtype (see
         # autocast_operand_dtype), not by autocast re-casting some backends' matmuls.
         # Before, CPU autocast turned the chunked and reference backends' logits into bf16
         # (loss error 3.9e-5 against the extension's 2.8e-8; B=16, C=300, D=64, fp32).
         with _autocast_off(x.device.type):
-            return MarginSoftmaxFunction._forward(ctx, x, w, labels, backend, margin, m, s, margin_grad,
-                                                  reduction, ignore_index, offset, group, grad_enabled,
+            return MarginSoftmaxFunction._forward(x, w, labels, backend, margin, m, s, margin_grad,
+                                                  reduction, ignore_index, offset, group, need_grad,
                                                   operand_dtype)
 
     @staticmethod
-    def _forward(ctx, x, w, labels, backend, margin, m, s, margin_grad, reduction, ignore_index,
-                 offset, group, grad_enabled, operand_dtype):
+    def _forward(x, w, labels, backend, margin, m, s, margin_grad, reduction, ignore_index,
+                 offset, group, need_grad, operand_dtype):
         be = backends.loaded_backend(backend)
         # Prologue (one op each with the extension built, see prologue.py): x̂, the cleaned
         # labels and c_iy from x̂ and the gathered centre (zero where the label is in
@@ -114,12 +145,10 @@ class MarginSoftmaxFunction(torch.autograd.Function):
             grad_row = kept / n_kept.clamp_min(1)
         else:
             grad_row = kept
-        # needs_input_grad is True under torch.no_grad() too: without grad_enabled an
-        # eval-mode call would form (and keep) the fused pass's gradients for nothing.
-        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         fused = (need_grad and group is None and reduction != "none"
                  and be.fused_forward_grads is not None
                  and x.device.type in be.fused_device_types)
+        gx_hat = gw = None
         if fused:
             lse, gx_hat, gw, w_inv = be.fused_forward_grads(
                 x_hat, w, target_logit, target_factor, labels, grad_row, s)
@@ -143,34 +172,43 @@ class MarginSoftmaxFunction(torch.autograd.Function):
             loss = loss_rows.sum()
         else:
             loss = loss_rows.sum() / n_kept
+        return (loss, x_inv, x_hat, w_inv, labels, lse, target_logit, target_factor, grad_row,
+                gx_hat, gw)
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _, backend, _, _, s, _, _, _, offset, group, need_grad, _ = inputs
+        (_, x_inv, x_hat, w_inv, labels, lse, target_logit, target_factor, grad_row,
+         gx_hat, gw) = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.set_materialize_grads(False)
         ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
         # The fused pass's gradients live on ctx, not in save_for_backward: backward
         # takes them out and scales them in place, so that autograd can hand grad_w to
         # w.grad without a copy (a saved tensor stays referenced, and AccumulateGrad then
         # clones it: one extra weight-sized buffer, 2x the weight's gradient in all).
-        ctx.fused = fused
-        ctx.fused_grads = [gx_hat, gw] if fused else None
+        ctx.fused = gx_hat is not None
+        ctx.fused_grads = [gx_hat, gw] if ctx.fused else None
         if need_grad:
             # Enough to recompute the gradients should backward run a second time.
             ctx.save_for_backward(x, x_inv, x_hat, w, w_inv, labels, lse, target_logit,
                                   target_factor, grad_row)
-        return loss
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            # backward(create_graph=True): the engine runs this in grad mode only then. The
-            # gradients below are kernel outputs, not differentiable: returned as they are,
-            # a gradient penalty built on them would silently lose this loss's terms (the
-            # extension returned them so; chunked / reference failed on an in-place op).
-            raise RuntimeError(
-                "margin_softmax_loss: double backward (create_graph=True) is not supported: "
-                "every backend's backward is hand-written (kernels, in-place PyTorch ops) and "
-                "not itself differentiable")
-        # On CPU the engine runs this on the caller's thread, inside its autocast if any.
-        with _autocast_off(grad_out.device.type):
-            return MarginSoftmaxFunction._backward(ctx, grad_out)
+    def backward(ctx, grad_out: Optional[Tensor], *_):
+        # Grads are not materialised (setup_context): the outputs after the loss are not
+        # differentiable, and zeros for them would cost a weight-sized buffer for gw.
+        if grad_out is None:  # the loss got no gradient (torch.autograd.grad of a sibling)
+            return (None,) * 14
+        # On CPU the engine runs this on the caller's thread, inside its autocast if any;
+        # in grad mode only for create_graph=True (see _NoDoubleBackward).
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad(), _autocast_off(grad_out.device.type):
+            gx, gw = MarginSoftmaxFunction._backward(ctx, grad_out)
+        if create_graph:
+            x, w = ctx.saved_tensors[0], ctx.saved_tensors[3]
+            gx, gw = _NoDoubleBackward.apply(x if x.requires_grad else w, gx, gw)
+        return gx, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor):
@@ -197,8 +235,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 be = backends.loaded_backend(ctx.backend)
                 gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
                                       ctx.s, ctx.offset)
-        gx = prologue.normalize_backward(x, x_inv, gx_hat)
-        return gx, gw, None, None, None, None, None, None, None, None, None, None, None, None
+        return prologue.normalize_backward(x, x_inv, gx_hat), gw
 
 
 def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
@@ -217,5 +254,9 @@ def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: s
     Returns:
         The loss in the accumulation dtype ((B,) for ``reduction="none"``).
     """
+    # Whether gradients are needed, decided here: forward has no ctx (setup_context), and
+    # needs_input_grad is True under torch.no_grad() too, where an eval-mode call would
+    # form (and keep) the fused pass's gradients for nothing.
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     return MarginSoftmaxFunction.apply(x, w, labels, backend, margin, m, s, margin_grad, reduction,
-                                       ignore_index, offset, group, torch.is_grad_enabled(), operand_dtype)
+                                       ignore_index, offset, group, need_grad, operand_dtype)[0]

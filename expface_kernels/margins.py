@@ -21,6 +21,7 @@ the clamp the value equals autograd of the formula in float64 (tested).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Tuple, Union
 
@@ -127,11 +128,16 @@ class Margin:
 
 
 def is_finite_number(v) -> bool:
-    """A finite int or float (not a bool; NaN fails both comparisons). Comparisons rather
-    than math.isfinite: under torch.compile(dynamic=True) Dynamo traces a float keyword
-    default (s=64.0, m=0.7) as a symbolic float, which math.isfinite cannot take and a
-    comparison turns into a guard."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and -math.inf < v < math.inf
+    """A finite real number: int, float, or a numpy scalar such as np.float32 (a
+    numbers.Real, not a float subclass; what a sweep over np.linspace(..., dtype=np.float32)
+    hands in), but not a bool and not a tensor. NaN fails both comparisons. Comparisons
+    rather than math.isfinite: under torch.compile(dynamic=True) Dynamo traces a float
+    keyword default (s=64.0, m=0.7) as a symbolic float, which math.isfinite cannot take
+    and a comparison turns into a guard; the numbers.Real test is reached only by
+    values that are not int or float, so Dynamo never sees it for those."""
+    if not isinstance(v, (int, float)) and not isinstance(v, numbers.Real):
+        return False
+    return not isinstance(v, bool) and -math.inf < v < math.inf
 
 
 def _check_scalar(lo: float, hi: float, lo_open: bool, hi_open: bool, text: str):

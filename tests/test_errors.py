@@ -1,5 +1,7 @@
 """Bad input raises a clear exception naming the argument (DESIGN §2)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -27,16 +29,22 @@ def test_label_out_of_range(backend, label):
 
 @pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])
 def test_double_backward_raises(backend):
-    """create_graph=True (a gradient penalty, say): a clear error on every backend, not a
-    second derivative without this loss's terms (what the extension gave before) or an
-    in-place error from inside autograd (chunked, reference). A plain backward still runs."""
+    """A gradient penalty (create_graph=True, then differentiate the gradient): a clear
+    error on every backend, not a second derivative without this loss's terms (what the
+    extension gave before) or an in-place error from inside autograd (chunked,
+    reference). The first-order gradients under create_graph=True are the plain ones."""
     x, w, y = ok()
     x.requires_grad_()
     w.requires_grad_()
-    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
-        torch.autograd.grad(call(x, w, y, backend=backend), (x, w), create_graph=True)
-    gx, gw = torch.autograd.grad(call(x, w, y, backend=backend), (x, w))
-    assert gx.shape == x.shape and gw.shape == w.shape and gx.abs().sum() > 0
+    gx0, gw0 = torch.autograd.grad(call(x, w, y, backend=backend), (x, w))
+    assert gx0.abs().sum() > 0 and gw0.abs().sum() > 0
+    gx, gw = torch.autograd.grad(call(x, w, y, backend=backend), (x, w), create_graph=True)
+    assert torch.equal(gx, gx0) and torch.equal(gw, gw0)
+    assert gx.requires_grad and gw.requires_grad
+    for penalty in (gx.square().sum(), gw.sum(), gx.sum() + gw.sum()):
+        with pytest.raises(RuntimeError, match=r"double backward is not supported"):
+            penalty.backward(retain_graph=True)
+    assert x.grad is None and w.grad is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,6 +102,27 @@ def test_label_equal_to_custom_ignore_index_is_fine():
 def test_bad_arguments(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         call(**kw)
+
+
+def test_numpy_scalars_are_numbers():
+    """np.float32 / np.int64 (numbers.Real, not float / int subclasses) are taken as
+    their Python values; a NaN or a bool among them is still refused."""
+    np = pytest.importorskip("numpy")
+    x, w, y = ok()
+    loss = functools.partial(ek.margin_softmax_loss, x, w, y)
+    want = loss(margin="combined", s=32.0, m=(1.0, 0.25, 0.1), ignore_index=-1)
+    got = loss(margin="combined", s=np.float32(32.0), m=(np.float32(1.0), np.float32(0.25), np.float64(0.1)),
+               ignore_index=np.int64(-1))
+    assert torch.equal(got, want)
+    assert torch.equal(loss(s=np.int32(64), m=np.float32(0.5)), loss(s=64.0, m=float(np.float32(0.5))))
+    with pytest.raises(ValueError, match="s must be a finite number"):
+        loss(s=np.float32("nan"))
+    with pytest.raises(ValueError, match="s must be a finite number"):
+        loss(s=torch.tensor(64.0))
+    with pytest.raises(ValueError, match="m for margin='expface' must be a finite float"):
+        loss(m=np.bool_(True))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        loss(ignore_index=np.float32(-1))
 
 
 def test_device_mismatch_named():

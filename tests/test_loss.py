@@ -303,3 +303,42 @@ def test_compile_fullgraph_dynamic_shapes(backend):
         want = run(backend, x, w, y)
         for a, r in zip(got, want):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+# --- torch.func ------------------------------------------------------------------------------
+
+def check_torch_func_grad_and_vjp(backend, reduction, device="cpu"):
+    x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, ignore=(1,), device=device)
+    x, w = x.detach(), w.detach()
+    weights = torch.linspace(0.5, 2.0, x.shape[0], device=device)
+
+    def f(a, b):
+        loss = ek.margin_softmax_loss(a, b, y, backend=backend, reduction=reduction)
+        return (loss * weights).sum() if reduction == "none" else loss
+
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    f(xr, wr).backward()
+    gx, gw = torch.func.grad(f, argnums=(0, 1))(x, w)
+    assert torch.equal(gx, xr.grad) and torch.equal(gw, wr.grad)
+    loss, vjp = torch.func.vjp(lambda b: f(x, b), w)
+    (gw_vjp,) = vjp(torch.ones_like(loss))
+    assert torch.equal(gw_vjp, wr.grad)
+
+
+@pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_grad_and_vjp(backend, reduction):
+    """torch.func.grad / vjp (first order; torch.func runs backward with create_graph=True)
+    give the gradients .backward() gives, bit for bit, on every CPU backend (triton under
+    the interpreter). vmap-based transforms (jacrev, hessian) are not supported."""
+    check_torch_func_grad_and_vjp(backend, reduction)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "extension"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_torch_func_grad_and_vjp(backend, reduction):
+    """The same on a GPU, where the Triton and extension kernels launch through custom ops."""
+    if ek.available_backends("cuda")[backend] is not None:
+        pytest.skip(ek.available_backends("cuda")[backend])
+    check_torch_func_grad_and_vjp(backend, reduction, device="cuda")

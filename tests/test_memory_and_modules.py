@@ -1,5 +1,7 @@
 """No B×C buffer in the chunked backend; the nn.Module heads."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -87,3 +89,26 @@ def test_fused_pass_only_when_gradients_are_wanted(monkeypatch):
     assert calls == []
     with pytest.raises(RuntimeError, match="fused pass used"):
         ek.margin_softmax_loss(x, w, y, backend="chunked")
+
+
+@pytest.mark.skipif(ek.available_backends("cpu")["extension"] is not None,
+                    reason="the fused pass is the extension's")
+def test_fused_weight_gradient_reaches_w_grad_without_a_copy(monkeypatch):
+    """The fused pass's grad_w becomes w.grad itself (AccumulateGrad steals it): kept on
+    ctx rather than saved, it has no second reference that would make autograd clone a
+    weight-sized buffer."""
+    from expface_kernels import backends
+
+    plain = backends.get_backend("extension")
+    made = []
+
+    def fused(*args):
+        out = plain.fused_forward_grads(*args)
+        made.append(out[2].data_ptr())
+        return out
+
+    monkeypatch.setitem(backends._loaded, "extension",
+                        dataclasses.replace(plain, fused_forward_grads=fused))
+    x, w, y = make_inputs(5, 40, 8, dtype=torch.float32, ignore=(2,))
+    ek.margin_softmax_loss(x, w, y, backend="extension").backward()
+    assert len(made) == 1 and w.grad.data_ptr() == made[0]
