@@ -112,3 +112,15 @@ def test_fused_weight_gradient_reaches_w_grad_without_a_copy(monkeypatch):
     x, w, y = make_inputs(5, 40, 8, dtype=torch.float32, ignore=(2,))
     ek.margin_softmax_loss(x, w, y, backend="extension").backward()
     assert len(made) == 1 and w.grad.data_ptr() == made[0]
+
+
+@pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])
+def test_head_under_torch_func_functional_call(backend):
+    """torch.func.grad over functional_call(head, params, ...): the .backward() gradient."""
+    head = ek.ArcFaceLoss(37, 8, backend=backend)
+    x, _, y = make_inputs(5, 37, 8, dtype=torch.float32)
+    x = x.detach()
+    params = {k: v.detach() for k, v in head.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(head, p, (x, y)))(params)
+    head(x, y).backward()
+    assert torch.equal(got["weight"], head.weight.grad)
