@@ -308,6 +308,10 @@ def test_compile_fullgraph_dynamic_shapes(backend):
 # --- torch.func ------------------------------------------------------------------------------
 
 def check_torch_func_grad_and_vjp(backend, reduction, device="cpu"):
+    """torch.func's gradients against .backward()'s: the same bits on the CPU; on a GPU
+    within 1e-5 (cuBLAS does not promise the same bits for two calls)."""
+    same = torch.equal if device == "cpu" else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())))
     x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, ignore=(1,), device=device)
     x, w = x.detach(), w.detach()
     weights = torch.linspace(0.5, 2.0, x.shape[0], device=device)
@@ -319,10 +323,10 @@ def check_torch_func_grad_and_vjp(backend, reduction, device="cpu"):
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     f(xr, wr).backward()
     gx, gw = torch.func.grad(f, argnums=(0, 1))(x, w)
-    assert torch.equal(gx, xr.grad) and torch.equal(gw, wr.grad)
+    assert same(gx, xr.grad) and same(gw, wr.grad)
     loss, vjp = torch.func.vjp(lambda b: f(x, b), w)
     (gw_vjp,) = vjp(torch.ones_like(loss))
-    assert torch.equal(gw_vjp, wr.grad)
+    assert same(gw_vjp, wr.grad)
 
 
 @pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])

@@ -92,7 +92,7 @@ def test_fused_pass_only_when_gradients_are_wanted(monkeypatch):
 
 
 @pytest.mark.skipif(ek.available_backends("cpu")["extension"] is not None,
-                    reason="the fused pass is the extension's")
+                    reason="needs the extension (its CPU backend has the fused pass)")
 def test_fused_weight_gradient_reaches_w_grad_without_a_copy(monkeypatch):
     """The fused pass's grad_w becomes w.grad itself (AccumulateGrad steals it): kept on
     ctx rather than saved, it has no second reference that would make autograd clone a
