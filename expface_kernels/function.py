@@ -203,17 +203,18 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         # On CPU the engine runs this on the caller's thread, inside its autocast if any;
         # in grad mode only for create_graph=True (see _NoDoubleBackward).
         create_graph = torch.is_grad_enabled()
+        # Unpacked once: torch.utils.checkpoint (non-reentrant) refuses a second unpack.
+        saved = ctx.saved_tensors
         with torch.no_grad(), _autocast_off(grad_out.device.type):
-            gx, gw = MarginSoftmaxFunction._backward(ctx, grad_out)
+            gx, gw = MarginSoftmaxFunction._backward(ctx, saved, grad_out)
         if create_graph:
-            x, w = ctx.saved_tensors[0], ctx.saved_tensors[3]
+            x, w = saved[0], saved[3]
             gx, gw = _NoDoubleBackward.apply(x if x.requires_grad else w, gx, gw)
         return gx, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def _backward(ctx, grad_out: Tensor):
-        (x, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor,
-         grad_row) = ctx.saved_tensors
+    def _backward(ctx, saved: tuple[Tensor, ...], grad_out: Tensor):
+        (x, x_inv, x_hat, w, w_inv, labels, lse, target_logit, target_factor, grad_row) = saved
         if ctx.fused:
             if ctx.fused_grads is not None:
                 gx_hat, gw = ctx.fused_grads

@@ -338,6 +338,21 @@ def test_torch_func_grad_and_vjp(backend, reduction):
     check_torch_func_grad_and_vjp(backend, reduction)
 
 
+@pytest.mark.parametrize("backend", [n for n, why in ek.available_backends("cpu").items() if why is None])
+def test_checkpoint_with_create_graph(backend):
+    """Under torch.utils.checkpoint (non-reentrant), create_graph=True -- torch.func's
+    mode -- gives the plain gradients: backward unpacks the saved tensors once (a second
+    unpack raised CheckpointError there)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, y = make_inputs(5, 37, 7, dtype=torch.float32, ignore=(1,))
+    want = torch.autograd.grad(ek.margin_softmax_loss(x, w, y, backend=backend), (x, w))
+    loss = checkpoint(lambda a, b: ek.margin_softmax_loss(a, b, y, backend=backend), x, w,
+                      use_reentrant=False)
+    got = torch.autograd.grad(loss, (x, w), create_graph=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "extension"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
