@@ -415,6 +415,24 @@ def test_compile_check_reads_ptxas_performance_advisories():
     assert cc.ptxas_advisories(log.splitlines()[1]) == []
 
 
+def test_compile_check_verdict():
+    """The check's verdict per kernel: '' for a clean one, else the most specific reason."""
+    from expface_kernels.triton_kernels import compile_check as cc
+    clean = dict(ring_hazard=False, wants_warp_specialization=False, warp_specialized=False,
+                 ptxas_advisories=[], spill_bytes=0, shared=100_000, smem_limit=232_448,
+                 async_copies=4)
+    assert cc.check_failure(clean) == ""
+    for change, want in [
+        (dict(spill_bytes=224), "check"), (dict(spill_bytes=-1), "check"),
+        (dict(shared=232_449), "check"), (dict(async_copies=0), "check"),
+        (dict(wants_warp_specialization=True), "loop not warp-specialized"),
+        (dict(ptxas_advisories=[("C7515", "wgmma serialized")]), "ptxas C7515: wgmma serialized"),
+        (dict(ring_hazard=True, spill_bytes=8), "ring shallower than the stages with a wgmma in flight"),
+    ]:
+        assert cc.check_failure({**clean, **change}) == want, change
+    assert cc.check_failure({**clean, "wants_warp_specialization": True, "warp_specialized": True}) == ""
+
+
 def test_compile_check_counts_loop_issue_and_occupancy():
     """compile_check's SASS analysis on a hand-written loop nest: only the innermost MMA
     loop is reported, with its instructions and issue cycles over tensor-core cycles;

@@ -301,6 +301,21 @@ def _loops(loops: list[dict]) -> str:
                      for lp in loops) or "-"
 
 
+def check_failure(r: dict) -> str:
+    """Why one compiled kernel (a :func:`check` row) fails, the most specific reason
+    first; '' when it passes: no spill, shared memory within the limit, pipelined loads,
+    no ring hazard, warp-specialized where it asks to be, no ptxas advisory."""
+    if r["ring_hazard"]:
+        return "ring shallower than the stages with a wgmma in flight"
+    if r["wants_warp_specialization"] and not r["warp_specialized"]:
+        return "loop not warp-specialized"
+    if r["ptxas_advisories"]:
+        return "ptxas " + "; ".join(f"{code}: {msg}" for code, msg in r["ptxas_advisories"])
+    if r["spill_bytes"] != 0 or r["shared"] > r["smem_limit"] or r["async_copies"] <= 0:
+        return "check"
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile the Triton kernels for GPUs that are not here.")
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(_KINDS))
@@ -320,15 +335,9 @@ def main(argv=None) -> int:
     for cap in args.arch:
         for pair in args.dtypes:
             for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
-                lost_ws = r["wants_warp_specialization"] and not r["warp_specialized"]
-                ok = (r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"] and r["async_copies"] > 0
-                      and not r["ring_hazard"] and not lost_ws and not r["ptxas_advisories"])
-                bad += not ok
-                why = "" if ok else ("  <-- ring shallower than the stages with a wgmma in flight"
-                                     if r["ring_hazard"] else "  <-- loop not warp-specialized"
-                                     if lost_ws else "  <-- ptxas " + "; ".join(
-                                         f"{code}: {msg}" for code, msg in r["ptxas_advisories"])
-                                     if r["ptxas_advisories"] else "  <-- check")
+                failure = check_failure(r)
+                bad += bool(failure)
+                why = f"  <-- {failure}" if failure else ""
                 warps = f"{r['warps']}+{r['launch_warps'] - r['warps']}" if r["warp_specialized"] else r["warps"]
                 print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {warps}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
