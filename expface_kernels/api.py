@@ -55,6 +55,22 @@ def check_labels(labels: Tensor, num_classes: int, ignore_index: int, name: str 
     raise_label_errors(bad, labels, num_classes, ignore_index, name)
 
 
+def validate_options(s, margin_grad, reduction, ignore_index) -> None:
+    """The scalar keywords' checks of DESIGN §2: per call (validate_inputs) and when a
+    loss head is built, so that a bad keyword raises at construction, not at step one."""
+    if not (is_finite_number(s) and s > 0):
+        raise ValueError(f"s must be a finite number > 0, got {s!r}")
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad must be one of {list(MARGIN_GRADS)}, got {margin_grad!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    # numbers.Integral takes numpy ints too (reached only when not an int: see
+    # margins.is_finite_number on why Dynamo must not see it for ints).
+    if not (isinstance(ignore_index, int) or isinstance(ignore_index, numbers.Integral)) \
+            or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
 def validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignore_index,
                     num_classes: Optional[int] = None,
                     defer_labels: bool = False) -> Optional[Tensor]:
@@ -89,17 +105,7 @@ def validate_inputs(embeddings, weight, labels, s, margin_grad, reduction, ignor
         raise ValueError(f"weight is on {weight.device} but embeddings are on {embeddings.device}")
     if labels.device != embeddings.device:
         raise ValueError(f"labels are on {labels.device} but embeddings are on {embeddings.device}")
-    if not (is_finite_number(s) and s > 0):
-        raise ValueError(f"s must be a finite number > 0, got {s!r}")
-    if margin_grad not in MARGIN_GRADS:
-        raise ValueError(f"margin_grad must be one of {list(MARGIN_GRADS)}, got {margin_grad!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    # numbers.Integral takes numpy ints too (reached only when not an int: see
-    # margins.is_finite_number on why Dynamo must not see it for ints).
-    if not (isinstance(ignore_index, int) or isinstance(ignore_index, numbers.Integral)) \
-            or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    validate_options(s, margin_grad, reduction, ignore_index)
     n = weight.shape[0] if num_classes is None else num_classes
     if defer_labels and labels.is_cuda and not torch.compiler.is_compiling():
         return label_errors(labels, n, ignore_index)

@@ -99,10 +99,16 @@ def _load(name: str) -> Backend | str:
     return mod.BACKEND
 
 
+def check_backend_name(name) -> None:
+    """Raise ValueError unless ``name`` is ``"auto"`` or one of BACKEND_NAMES."""
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+
+
 def get_backend(name: str) -> Backend:
     """The Backend named ``name``; raises RuntimeError with the reason if unusable here."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+    if name not in BACKEND_NAMES:  # "auto" included: it names no one Backend
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
     b = _load(name)
     if isinstance(b, str):
         raise RuntimeError(f"backend {name!r} is not available: {b}")
@@ -161,8 +167,7 @@ def select_backend(name: str, x_hat: Tensor, w: Tensor,
             why[cand] = r
         lines = "; ".join(f"{k}: {' / '.join(v)}" for k, v in why.items())
         raise RuntimeError(f"no backend can run these inputs ({lines}){note}")
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+    check_backend_name(name)
     r = _reasons(name, x_hat, w)
     if r:
         raise RuntimeError(f"backend {name!r} cannot run these inputs: " + " / ".join(r) + note)

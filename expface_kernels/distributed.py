@@ -72,8 +72,8 @@ from torch import Tensor, nn
 from . import backends
 from .api import FLOAT_DTYPES, LABEL_DTYPES, validate_inputs
 from .function import autocast_operand_dtype, margin_softmax
-from .margins import is_finite_number, resolve_margin
-from .modules import INIT_STD
+from .margins import is_finite_number
+from .modules import INIT_STD, check_head_arguments
 
 INIT_CHUNK_ROWS = 4096
 """Rows per independently seeded chunk of the weight initialisation (see
@@ -279,8 +279,9 @@ class ShardedMarginSoftmaxLoss(nn.Module):
                  embedding_grad_scale: Optional[float] = None, validate: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+        spec, self.m = check_head_arguments(num_classes, embedding_size, margin, m, s, margin_grad,
+                                            reduction, ignore_index, backend, dtype)
+        self._margin_name = spec.name  # a str: the module stays picklable
         if not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
                 and 0.0 <= sample_rate <= 1.0):
             raise ValueError(f"sample_rate must be a number in [0, 1], got {sample_rate!r}")
@@ -289,20 +290,6 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         if embedding_grad_scale is not None and not is_finite_number(embedding_grad_scale):
             raise ValueError("embedding_grad_scale must be a finite number or None, "
                              f"got {embedding_grad_scale!r}")
-        if backend != "auto" and backend not in backends.BACKEND_NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {list(backends.BACKEND_NAMES)}, "
-                             f"got {backend!r}")
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-        spec, self.m = resolve_margin(margin, m)
-        self._margin_name = spec.name  # a str: the module stays picklable
-        # Check the remaining scalars now rather than at the first step (validate_inputs
-        # repeats them per call; this raises at construction with the same messages).
-        probe = torch.zeros(1, 1)
-        validate_inputs(probe, probe, torch.zeros(1, dtype=torch.long), s, margin_grad,
-                        reduction, ignore_index, num_classes=1)
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
         self.group, self.rank, self.world_size = _resolve_group(group)
         self.class_start, self.num_local = shard_bounds(num_classes, self.world_size, self.rank)

@@ -5,13 +5,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .api import margin_softmax_loss
+from . import backends
+from .api import FLOAT_DTYPES, margin_softmax_loss, validate_options
 from .margins import resolve_margin
 
 INIT_STD = 0.01
 """weight ~ N(0, 0.01²), insightface's Partial FC initialisation. Only the direction of
 each row matters to the loss (rows are normalised); a small scale keeps weight decay
 and the normalisation's 1/‖W‖ gradient factor in the range insightface trains with."""
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_head_arguments(num_classes, embedding_size, margin, m, s, margin_grad, reduction,
+                         ignore_index, backend, dtype):
+    """Every constructor argument check shared by the loss heads (this module's and
+    distributed.ShardedMarginSoftmaxLoss): a bad keyword raises when the head is built,
+    with the message the loss call would give. Returns resolve_margin's (spec, m)."""
+    if not _is_positive_int(num_classes):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not _is_positive_int(embedding_size):
+        raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    backends.check_backend_name(backend)
+    validate_options(s, margin_grad, reduction, ignore_index)
+    return resolve_margin(margin, m)
 
 
 class MarginSoftmaxLoss(nn.Module):
@@ -26,11 +47,8 @@ class MarginSoftmaxLoss(nn.Module):
                  s: float = 64.0, m=None, margin_grad: str = "exact", reduction: str = "mean",
                  ignore_index: int = -1, backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(embedding_size, int) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        _, self.m = resolve_margin(margin, m)
+        _, self.m = check_head_arguments(num_classes, embedding_size, margin, m, s, margin_grad,
+                                         reduction, ignore_index, backend, dtype)
         self.margin, self.s, self.margin_grad = margin, s, margin_grad
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))

@@ -7,6 +7,7 @@ import torch
 
 import expface_kernels as ek
 from expface_kernels import backends
+from expface_kernels.distributed import ShardedMarginSoftmaxLoss
 
 
 def ok():
@@ -171,3 +172,30 @@ def test_module_arguments():
         ek.ArcFaceLoss(10, -1)
     with pytest.raises(ValueError, match="m for margin='expface'"):
         ek.ExpFaceLoss(10, 8, m=2.0)
+
+
+HEADS = [ek.MarginSoftmaxLoss, ek.ExpFaceLoss, ek.ArcFaceLoss, ek.CosFaceLoss, ek.SphereFaceLoss,
+         ShardedMarginSoftmaxLoss]
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.__name__)
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(num_classes=True), ValueError, "num_classes must be a positive int"),
+    (dict(num_classes=2.0), ValueError, "num_classes must be a positive int"),
+    (dict(embedding_size=0), ValueError, "embedding_size must be a positive int"),
+    (dict(s=-1.0), ValueError, "s must be a finite number > 0"),
+    (dict(s=float("nan")), ValueError, "s must be a finite number > 0"),
+    (dict(margin_grad="ste"), ValueError, "margin_grad must be one of"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(ignore_index=-1.0), TypeError, "ignore_index must be an int"),
+    (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be one of"),
+])
+def test_head_constructor_checks_every_keyword(head, kw, exc, msg):
+    """Every head raises at construction, with the loss call's message, for each bad
+    keyword (the single-device heads checked only the sizes and the margin before, so
+    s=-1 or backend="cuda" surfaced at the first step)."""
+    kw = dict(kw)  # the parametrised dict is shared by every head's case
+    sizes = dict(num_classes=kw.pop("num_classes", 10), embedding_size=kw.pop("embedding_size", 8))
+    with pytest.raises(exc, match=msg):
+        head(sizes["num_classes"], sizes["embedding_size"], **kw)
