@@ -193,6 +193,35 @@ void add_mm_in_k_chunks(Tensor out, const Tensor& a, const Tensor& b, const Tens
   }
 }
 
+// The W rows as the GEMMs take them (compute dtype) and the inverse norms the epilogues
+// scale the GEMM output by.  fp16 (max 65504, smallest normal 6.1e-5) takes the
+// normalised rows W_j * winv_j, with epilogue scales of 1: from raw rows the logits
+// buffer holds x_hat . W_j, of size ||W_j||, and the gradient GEMMs take G_ij * winv_j,
+// up to s * grad_row / ||W_j||.  An fp16 W with row norms 3.4e-4 (B = 8, D = 128,
+// s = 64, reduction none, CPU) gave NaN gradients where the reference's fp16 gradients
+// were finite (4e-4 from float64).  The rows are written by one mul_out, as the plain
+// cast of an fp32 W they replace on the mixed CUDA path (for an fp16 W: one more pass
+// over the chunk; grad_W then costs the same ops as before -- see unit_rows below).
+// bf16 and the wider dtypes have fp32's range: raw rows, no copy.
+struct GemmOperand {
+  Tensor w;         // (len, D) in the compute dtype
+  Tensor epi_winv;  // (len,) acc: winv, or ones for normalised rows
+  bool unit_rows;
+};
+
+GemmOperand gemm_operand(const Tensor& w_rows, const Tensor& winv_rows, at::ScalarType cd, const Tensor& ones) {
+  if (cd != at::kHalf) return {w_rows.to(cd), winv_rows, false};
+  Tensor w_hat = at::empty(w_rows.sizes(), w_rows.options().dtype(cd));
+  at::mul_out(w_hat, w_rows, winv_rows.unsqueeze(1));
+  return {w_hat, ones.narrow(0, 0, w_rows.size(0)), true};
+}
+
+// Epilogue scales for gemm_operand's normalised rows: (n,) ones in acc, or undefined
+// when the compute dtype keeps raw rows.
+Tensor unit_scales(at::ScalarType cd, int64_t n, const at::TensorOptions& acc_opts) {
+  return cd == at::kHalf ? at::ones({n}, acc_opts) : Tensor();
+}
+
 // Columns per class chunk: as many as the block budget holds for B rows, rounded down to
 // a multiple of 64 when that is possible, so that every chunk but the last starts its
 // winv slice and its logits rows on a 16-byte boundary (the CUDA epilogues' vector path).
@@ -226,12 +255,13 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   const int64_t esize = c10::elementSize(c.cd);
   const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device(), c.B, esize), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
+  const Tensor ones = unit_scales(c.cd, nc, acc_opts);
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
-    Tensor wc = wr.narrow(0, j0, len).to(c.cd);
+    const GemmOperand op = gemm_operand(wr.narrow(0, j0, len), winv.narrow(0, j0, len), c.cd, ones);
     Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
-    at::mm_out(L, xc, wc.t());
-    ops.lse_block(L, winv.narrow(0, j0, len), tl, lab, s, offset + j0, row_max, row_sumexp);
+    at::mm_out(L, xc, op.w.t());
+    ops.lse_block(L, op.epi_winv, tl, lab, s, offset + j0, row_max, row_sumexp);
   }
   return {row_max, row_sumexp, winv};
 }
@@ -262,14 +292,16 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
   const int64_t nc = chunk_columns(resolve_block_bytes(block_bytes, x_hat.device(), c.B, esize), c.B, esize, c.n);
   Tensor buf = at::empty({c.B * nc}, x_hat.options().dtype(c.cd));
   Tensor gx_part = (c.cd == c.acc && !gx.is_cuda()) ? at::empty_like(gx) : Tensor();
+  const Tensor ones = unit_scales(c.cd, nc, x_hat.options().dtype(c.acc));
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
     Tensor w_raw = wr.narrow(0, j0, len);
-    Tensor wc = w_raw.to(c.cd);
     Tensor winv_c = winv.narrow(0, j0, len);
+    const GemmOperand op = gemm_operand(w_raw, winv_c, c.cd, ones);
+    const Tensor& wc = op.w;
     Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
     at::mm_out(L, xc, wc.t());
-    ops.grads_block(L, winv_c, lab, lse_a, tg, gr, s, offset + j0);  // L <- G * winv
+    ops.grads_block(L, op.epi_winv, lab, lse_a, tg, gr, s, offset + j0);  // L <- G * winv (G: unit rows)
     if (c.cd == c.acc && gx.is_cuda()) {
       gx.addmm_(L, wc);  // cuBLAS sums K in blocks; one call a chunk (host time, see above)
     } else if (c.cd == c.acc) {
@@ -284,7 +316,11 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
     // 6 more ATen calls per chunk and made the backward host-bound (13.1 ms of host time
     // against 7.1 ms without it; H200, B=512, C=2^20, bf16).
     Tensor gwc = gw.narrow(0, j0, len);
-    if (w.scalar_type() == c.cd) {
+    if (op.unit_rows) {
+      // G carried no winv: the projection's input is winv_j * (G^T x_hat)_j, formed in
+      // acc (3 ops, as the other two branches: GEMM, scale / widen, projection).
+      ops.project_rows(mm_acc(L.t(), xc, c.acc).mul_(winv_c.unsqueeze(1)), w_raw, winv_c, gwc);
+    } else if (w.scalar_type() == c.cd) {
       at::mm_out(gwc, L.t(), xc);
       ops.project_rows(gwc, w_raw, winv_c, gwc);
     } else {
@@ -313,7 +349,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
   Tensor lab = checked_labels(labels, c.n);
   Tensor tl = acc_vec(target_logit, c.acc), tf = acc_vec(target_factor, c.acc), gr = acc_vec(grad_row, c.acc);
   Tensor xc = x_hat.to(c.cd).contiguous();
-  Tensor wc = wr.to(c.cd);  // a copy only for mixed low-precision W (documented extra C x D)
+  // A C x D copy for a mixed low-precision W, or for fp16 (README "fp16 GEMMs").
+  const GemmOperand op = gemm_operand(wr, winv, c.cd, unit_scales(c.cd, c.n, acc_opts));
+  const Tensor& wc = op.w;
 
   Tensor lse = at::empty({c.B}, acc_opts);
   Tensor row_scale = at::empty({c.B}, acc_opts);
@@ -339,8 +377,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
     at::mm_out(L, xb, wc.t());  // GEMM 1: logits of r rows against all classes
     Tensor lse_b = lse.narrow(0, r0, r), rs_b = row_scale.narrow(0, r0, r), tg_b = tgrad.narrow(0, r0, r);
     Tensor lab_b = lab.narrow(0, r0, r);
-    ops.fused_rows(L, winv, tl.narrow(0, r0, r), tf.narrow(0, r0, r), lab_b, gr.narrow(0, r0, r), s, lse_b, rs_b,
-                   tg_b);  // L <- G * winv / row_scale, lse final
+    ops.fused_rows(L, op.epi_winv, tl.narrow(0, r0, r), tf.narrow(0, r0, r), lab_b, gr.narrow(0, r0, r), s, lse_b, rs_b,
+                   tg_b);  // L <- G * winv / row_scale (no winv: unit rows), lse final
     Tensor gxb = gx.narrow(0, r0, r);
     if (c.cd == c.acc) {
       add_mm_in_k_chunks(gxb, L, wc, gx_part, /*accumulate=*/false);  // GEMM 2
@@ -360,6 +398,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
       }
     }
   }
+  if (op.unit_rows) gw_acc.mul_(winv.unsqueeze(1));  // the winv that G did not carry
   ops.project_rows(gw_acc, wr, winv, gw_acc);
   Tensor gw = direct ? gw_acc : gw_acc.to(w.scalar_type());
   return {lse, gx, gw, winv};

@@ -6,7 +6,8 @@ each chunk's cosines (4 GEMM-equivalents in all). Extra memory: O(B·D + C) plus
 
 GEMMs run in the promoted input dtype (fp32 for fp16 x with fp32 W; bf16 for bf16 both);
 everything after the GEMM — scaling, exp, sums, G, the gradient accumulators — in the
-accumulation dtype (fp32, or fp64 for fp64 inputs).
+accumulation dtype (fp32, or fp64 for fp64 inputs). In fp16 the GEMMs take the chunk's
+normalised rows ŵ instead of W (see :func:`_w_operand`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def _gemm_dtype(x_hat: Tensor, w: Tensor) -> torch.dtype:
     return torch.promote_types(x_hat.dtype, w.dtype)
 
 
+def _w_operand(wc: Tensor, inv_c: Tensor, gd: torch.dtype) -> tuple[Tensor, bool]:
+    """The (chunk, D) W operand of the GEMMs in ``gd``, and whether it is normalised.
+
+    fp16 (max 65504, normal down to 6.1e-5) takes ŵ = W·inv, unit rows: the raw-W form
+    rounds the logits' GEMM output x̂·W_j, of size ‖W_j‖, to fp16, and feeds the
+    gradient GEMMs G_ij·inv_j, up to s·grad_row/‖W_j‖. With B = 8, D = 128, s = 64 and
+    an fp16 W of row norms 1.1e-4 that overflowed into NaN gradients where the
+    reference's fp16 gradients were finite (2e-3 from float64). Other dtypes have fp32's
+    range: raw W, no (chunk, D) copy.
+    """
+    if gd != torch.float16:
+        return wc.to(gd), False
+    return (wc.to(inv_c.dtype) * inv_c.unsqueeze(1)).to(gd), True
+
+
 def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
                  offset: int) -> tuple[Tensor, Tensor, Tensor]:
     """Contract primitive (backends.py) with an online logsumexp over class chunks."""
@@ -59,7 +75,8 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         wc = w[start:start + step]
         inv_c = inv_norm(wc, acc)
         w_inv[start:start + step] = inv_c
-        z = (xg @ wc.to(gd).t()).to(acc).mul_(inv_c * s)
+        wg, unit_rows = _w_operand(wc, inv_c, gd)
+        z = (xg @ wg.t()).to(acc).mul_(s if unit_rows else inv_c * s)
         put_target(z, in_block, col, target_logit, start)
         new_max = torch.maximum(run_max, z.amax(1))
         run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max.unsqueeze(1)).exp_().sum(1)
@@ -85,17 +102,22 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
     for start in range(0, c_local, step):
         wc = w[start:start + step]
         inv_c = w_inv_norm[start:start + step]
-        g = (xg @ wc.to(gd).t()).to(acc).mul_(inv_c * s).add_(neg_lse).exp_().mul_(row_scale)
+        wg, unit_rows = _w_operand(wc, inv_c, gd)
+        g = (xg @ wg.t()).to(acc).mul_(s if unit_rows else inv_c * s)
+        g.add_(neg_lse).exp_().mul_(row_scale)
         put_target(g, in_block, col, target_grad, start)
-        g.mul_(inv_c)  # fold 1/‖W_j‖ into the columns: both GEMMs need it
+        if not unit_rows:
+            g.mul_(inv_c)  # fold 1/‖W_j‖ into the columns: both GEMMs need it
         if gd == acc:
             grad_x.addmm_(g, wc.to(acc))
             gw = g.t() @ x_for_dw
         else:
             # Low-precision GEMMs (tensor cores on a GPU) with fp32 accumulation inside.
             gl = g.to(gd)
-            grad_x.add_(gl @ wc.to(gd))
+            grad_x.add_(gl @ wg)
             gw = (gl.t() @ x_for_dw).to(acc)
+            if unit_rows:
+                gw.mul_(inv_c.unsqueeze(1))  # the 1/‖W_j‖ that G did not carry
         grad_w[start:start + step] = project_w_grad(gw, wc, inv_c).to(w.dtype)
     return grad_x, grad_w
 

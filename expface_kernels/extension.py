@@ -17,8 +17,10 @@ and wraps them as the backend contract of :mod:`expface_kernels.backends`::
         -> lse (B,) acc, grad_x_hat (B, D) acc, grad_w (C, D) w.dtype, w_inv_norm (C,) acc
 
 x_hat (B, D) and w (C_local, D) are float16 / bfloat16 / float32 (float64 on CPU), may
-differ in dtype (the GEMMs run in ``torch.promote_types`` of the two); "acc" is float64
-when that is float64, else float32. labels (B,) int64 or int32, ignored rows -1.
+differ in dtype (the GEMMs run in ``torch.promote_types`` of the two, except on CUDA,
+where a 16-bit x_hat with an fp32 w takes the 16-bit dtype: ek_driver.cpp
+compute_dtype; fp16 GEMMs take W's normalised rows: gemm_operand there); "acc" is
+float64 when that is float64, else float32. labels (B,) int64 or int32, ignored rows -1.
 
 Importing this module raises ImportError (with the build command) when ``_C`` is not
 built; the registry turns that into the backend's unavailability reason.

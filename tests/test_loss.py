@@ -220,6 +220,32 @@ def test_low_precision_error_bound(backend, x_dtype, w_dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp16_weight_with_small_rows(backend, reduction):
+    """An fp16 W whose rows have norms ~3.4e-4 (entries near fp16's smallest normal,
+    6.1e-5): dL/dW_j grows as 1/‖W_j‖ -- to 7.9e3 here with reduction mean, 6.3e4
+    with sum, just under fp16's 65504 -- and the naive fp16 loss's gradients stay finite. chunked and the extension gave NaN gradients
+    here while their GEMMs took raw W (logits of size ‖W_j‖, G·1/‖W_j‖ past 65504);
+    they take the normalised rows in fp16 now (chunked._w_operand,
+    ek_driver.cpp gemm_operand). Error bound: 2x the naive fp16 loss's, as above."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 128, generator=g).half().requires_grad_()
+    w = (torch.randn(37, 128, generator=g) * 3e-5).half().requires_grad_()
+    y = torch.randint(0, 37, (8,), generator=g)
+    got = run(backend, x, w, y, reduction=reduction)
+    truth = ground_truth(x, w, y, "expface", reduction=reduction)
+    assert truth[2].abs().max() > 1e3  # the regime the test is about: large dL/dW
+    xl, wl = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    yard = loss_and_grads(lambda: ek.reference_loss(xl, wl, y, "expface", reduction=reduction,
+                                                    compute_dtype=torch.float16), xl, wl)
+    for gt, t, r, what in zip(got, truth, yard, ("loss", "grad_x", "grad_w")):
+        assert torch.isfinite(r).all(), what  # the naive fp16 loss holds these gradients
+        assert torch.isfinite(gt).all(), what
+        bound = 2 * max_rel_err(r, t) + 1e-6
+        assert max_rel_err(gt, t) <= bound, (what, max_rel_err(gt, t), bound)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float64_mixed_is_float64(backend):
     x, w, y = make_inputs(3, 7, 4, dtype=torch.float32, w_dtype=torch.float64)
     loss, gx, gw = run(backend, x, w, y)
