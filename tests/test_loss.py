@@ -219,23 +219,23 @@ def test_low_precision_error_bound(backend, x_dtype, w_dtype):
         assert max_rel_err(g, t) <= bound, (what, max_rel_err(g, t), bound)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fp16_weight_with_small_rows(backend, reduction):
-    """An fp16 W whose rows have norms ~3.4e-4 (entries near fp16's smallest normal,
-    6.1e-5): dL/dW_j grows as 1/‖W_j‖ -- to 7.9e3 here with reduction mean, 6.3e4
-    with sum, just under fp16's 65504 -- and the naive fp16 loss's gradients stay finite. chunked and the extension gave NaN gradients
-    here while their GEMMs took raw W (logits of size ‖W_j‖, G·1/‖W_j‖ past 65504);
-    they take the normalised rows in fp16 now (chunked._w_operand,
-    ek_driver.cpp gemm_operand). Error bound: 2x the naive fp16 loss's, as above."""
+def check_fp16_small_rows(backend, reduction, device="cpu", w_dtype=torch.float16):
+    """fp16 x against a W whose rows have norms ~3.4e-4 (entries near fp16's smallest
+    normal, 6.1e-5): dL/dW_j grows as 1/‖W_j‖ -- to 7.9e3 here with reduction mean,
+    6.3e4 with sum, just under fp16's 65504 -- and the naive fp16 loss's gradients stay
+    finite. chunked and the extension gave NaN gradients here while their fp16 GEMMs took
+    raw W (logits of size ‖W_j‖, G·1/‖W_j‖ past 65504); they take the normalised rows
+    now (chunked._w_operand, ek_driver.cpp gemm_operand). Bound: finite, and within 2x
+    the naive fp16 loss's error (as test_low_precision_error_bound)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 128, generator=g).half().requires_grad_()
-    w = (torch.randn(37, 128, generator=g) * 3e-5).half().requires_grad_()
-    y = torch.randint(0, 37, (8,), generator=g)
+    x = torch.randn(8, 128, generator=g).half().to(device).requires_grad_()
+    w = (torch.randn(37, 128, generator=g) * 3e-5).to(w_dtype).to(device).requires_grad_()
+    y = torch.randint(0, 37, (8,), generator=g).to(device)
     got = run(backend, x, w, y, reduction=reduction)
     truth = ground_truth(x, w, y, "expface", reduction=reduction)
     assert truth[2].abs().max() > 1e3  # the regime the test is about: large dL/dW
-    xl, wl = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    xl = x.detach().clone().requires_grad_()
+    wl = w.detach().half().requires_grad_()  # "the same loss in fp16": W rounded as autocast would
     yard = loss_and_grads(lambda: ek.reference_loss(xl, wl, y, "expface", reduction=reduction,
                                                     compute_dtype=torch.float16), xl, wl)
     for gt, t, r, what in zip(got, truth, yard, ("loss", "grad_x", "grad_w")):
@@ -243,6 +243,22 @@ def test_fp16_weight_with_small_rows(backend, reduction):
         assert torch.isfinite(gt).all(), what
         bound = 2 * max_rel_err(r, t) + 1e-6
         assert max_rel_err(gt, t) <= bound, (what, max_rel_err(gt, t), bound)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp16_weight_with_small_rows(backend, reduction):
+    check_fp16_small_rows(backend, reduction)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["chunked", "triton", "extension"])
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.float32], ids=["fp16_w", "fp32_w"])
+def test_cuda_fp16_small_rows(backend, w_dtype):
+    """On a GPU: also the mixed path (fp16 x, fp32 W), whose GEMMs run in fp16 there.
+    Reduction mean only: with sum the gradients (6.3e4) sit within 4% of fp16's
+    65504, where another device's rounding could overflow the naive yardstick itself."""
+    check_fp16_small_rows(backend, "mean", "cuda", w_dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
