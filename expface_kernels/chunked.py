@@ -50,9 +50,9 @@ def _w_operand(wc: Tensor, inv_c: Tensor, gd: torch.dtype) -> tuple[Tensor, bool
     fp16 (max 65504, normal down to 6.1e-5) takes ŵ = W·inv, unit rows: the raw-W form
     rounds the logits' GEMM output x̂·W_j, of size ‖W_j‖, to fp16, and feeds the
     gradient GEMMs G_ij·inv_j, up to s·grad_row/‖W_j‖. With B = 8, D = 128, s = 64 and
-    an fp16 W of row norms 1.1e-4 that overflowed into NaN gradients where the
-    reference's fp16 gradients were finite (2e-3 from float64). Other dtypes have fp32's
-    range: raw W, no (chunk, D) copy.
+    an fp16 W of row norms 1.1e-4 (reduction mean) or 3.4e-4 (sum) that overflowed into
+    NaN gradients where the reference backend's fp16 gradients were finite (4e-4 from
+    float64). Other dtypes have fp32's range: raw W, no (chunk, D) copy.
     """
     if gd != torch.float16:
         return wc.to(gd), False
