@@ -203,6 +203,8 @@ void add_mm_in_k_chunks(Tensor out, const Tensor& a, const Tensor& b, const Tens
 // cast of an fp32 W they replace on the mixed CUDA path (for an fp16 W: one more pass
 // over the chunk; grad_W then costs the same ops as before -- see unit_rows below).
 // bf16 and the wider dtypes have fp32's range: raw rows, no copy.
+bool takes_unit_rows(at::ScalarType cd) { return cd == at::kHalf; }
+
 struct GemmOperand {
   Tensor w;         // (len, D) in the compute dtype
   Tensor epi_winv;  // (len,) acc: winv, or ones for normalised rows
@@ -210,7 +212,7 @@ struct GemmOperand {
 };
 
 GemmOperand gemm_operand(const Tensor& w_rows, const Tensor& winv_rows, at::ScalarType cd, const Tensor& ones) {
-  if (cd != at::kHalf) return {w_rows.to(cd), winv_rows, false};
+  if (!takes_unit_rows(cd)) return {w_rows.to(cd), winv_rows, false};
   Tensor w_hat = at::empty(w_rows.sizes(), w_rows.options().dtype(cd));
   at::mul_out(w_hat, w_rows, winv_rows.unsqueeze(1));
   return {w_hat, ones.narrow(0, 0, w_rows.size(0)), true};
@@ -219,7 +221,7 @@ GemmOperand gemm_operand(const Tensor& w_rows, const Tensor& winv_rows, at::Scal
 // Epilogue scales for gemm_operand's normalised rows: (n,) ones in acc, or undefined
 // when the compute dtype keeps raw rows.
 Tensor unit_scales(at::ScalarType cd, int64_t n, const at::TensorOptions& acc_opts) {
-  return cd == at::kHalf ? at::ones({n}, acc_opts) : Tensor();
+  return takes_unit_rows(cd) ? at::ones({n}, acc_opts) : Tensor();
 }
 
 // Columns per class chunk: as many as the block budget holds for B rows, rounded down to

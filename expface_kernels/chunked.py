@@ -109,7 +109,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
         if not unit_rows:
             g.mul_(inv_c)  # fold 1/‖W_j‖ into the columns: both GEMMs need it
         if gd == acc:
-            grad_x.addmm_(g, wc.to(acc))
+            grad_x.addmm_(g, wg)  # wg is W in acc here (raw rows)
             gw = g.t() @ x_for_dw
         else:
             # Low-precision GEMMs (tensor cores on a GPU) with fp32 accumulation inside.
