@@ -28,6 +28,8 @@ import torch  # noqa: E402
 
 from expface_kernels.margins import MARGINS, THETA_EPS  # noqa: E402
 
+from . import labels  # noqa: E402
+
 STYLE = {"naive": ("tab:red", "o"), "naive_compile": ("tab:orange", "s"),
          "reference": ("tab:brown", "v"), "chunked": ("tab:blue", "D"),
          "extension": ("tab:green", "^"), "triton": ("tab:purple", "*"),
@@ -80,7 +82,7 @@ def _device(rows):
 def _log2_ticks(ax, cs):
     ax.set_xscale("log", base=2)
     ax.set_xticks(cs)
-    ax.set_xticklabels([f"$2^{{{int(math.log2(c))}}}$" for c in cs])
+    ax.set_xticklabels([labels.class_count(c, tex=True) for c in cs])
 
 
 def plot_time(rows, path, dtype):
@@ -168,7 +170,7 @@ def plot_margin_sweep(rows, path):
     ax.set_xticklabels(margins)
     ax.set_ylabel("fwd+bwd median time [ms] (bars: p20–p80)")
     c = sw[0]["C"]
-    ax.set_title(f"What each margin costs in the same kernel: B={sw[0]['B']}, C=2^{int(math.log2(int(c)))}, "
+    ax.set_title(f"What each margin costs in the same kernel: B={sw[0]['B']}, C={labels.class_count(c)}, "
                  f"D={sw[0]['D']}, {sw[0]['dtype']}\n{_device(rows)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
@@ -256,7 +258,7 @@ def plot_scale(rows, path):
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("peak memory of the process [GiB]")
-    ax.set_title(f"fwd+bwd at B={rs[0]['B']}, C=2^{int(math.log2(c))}, D={d}, fp32\n{_device(rows)}", fontsize=9)
+    ax.set_title(f"fwd+bwd at B={rs[0]['B']}, C={labels.class_count(c)}, D={d}, fp32\n{_device(rows)}", fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, path)
 

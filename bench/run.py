@@ -11,12 +11,13 @@ margin through the same backend at one shape. Writes ``OUT/results.csv`` (long f
 one row per measurement), ``OUT/table.md`` (also printed) and PNG plots.
 
 The presets:
-    quick   CPU default: B=256, D=512, C ∈ {2^14, 2^15, 2^17} (2^17 is the issue-2
-            acceptance shape), naive / chunked / extension / pml; margin sweep at 2^14.
-            Sized for < 2 minutes on the idle 2-core CPU including the plots.
+    quick   the default without a GPU: B=256, D=512, C ∈ {2^14, 2^15, 2^17} (2^17 is the
+            issue-2 acceptance shape), naive / chunked / extension / pml; margin sweep at
+            2^14. Sized for < 2 minutes on the idle 2-core CPU including the plots.
     full    C = 2^14 … 2^17 (CPU) or 2^14 … 2^20 (CUDA), more rounds, every peer.
-    gpu     CUDA: B=512, D=512, C = 2^14, 2^16, 2^18, 2^20, fp32 and bf16, every backend
-            and peer except naive_compile (recompiles per shape; add it with --backends).
+    gpu     the default with a GPU: B=512, D=512, C = 2^14, 2^16, 2^18, 2^20, fp32 and
+            bf16, every backend and peer except naive_compile (recompiles per shape; add it
+            with --backends).
     scale   C = 2^22, D=512, B=256 on the CPU (chunked, extension): forward+backward,
             peak memory against the weights + their gradient; the naive loss's need is
             extrapolated from its measured bytes per class and never run.
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-from . import memory, peers, timing
+from . import labels, memory, peers, timing
 
 ACCEPT = {"B": 256, "C": 1 << 17, "D": 512, "margin": "expface", "dtype": "fp32"}
 """The issue-2 acceptance shape (ExpFace, fp32, forward+backward)."""
@@ -180,7 +181,7 @@ def time_sweep(rec: Recorder, usable: dict, cfg: dict, device: torch.device, mar
                     rec.add(op, n, mg, dtype, b, c, d, "time_ratio_vs_naive",
                             timing.paired_ratio(ts, got["naive"]), "x")
             if verbose:
-                print(f"  timed {op:7s} C=2^{int(math.log2(c))} ({rounds} rounds): "
+                print(f"  timed {op:7s} C={labels.class_count(c)} ({rounds} rounds): "
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             for p in prepared.values():
                 for t in p.leaves:
@@ -257,7 +258,7 @@ def memory_sweep(rec: Recorder, usable: dict, cfg: dict, device: torch.device, m
         if r["backend"] == "naive":
             continue
         nv = rec.value(metric="peak_extra_mem", backend="naive", op=r["op"], C=r["C"], dtype=dtype)
-        if nv:
+        if nv and (device.type == "cuda" or nv >= memory.CPU_RESOLUTION_BYTES):
             rec.add(r["op"], r["backend"], r["margin"], dtype, b, r["C"], d, "mem_ratio_vs_naive",
                     r["value"] / nv, "x")
     return results
@@ -299,7 +300,7 @@ def markdown(rec: Recorder, cfg: dict, device_desc: str, command: str) -> str:
     dtypes = sorted({r["dtype"] for r in rec.rows if r["op"] in ("fwd", "fwd+bwd")})
     for dt in dtypes:
         for c in sorted({r["C"] for r in rec.rows if r["dtype"] == dt and r["op"] != "margin_sweep"}):
-            lines += [f"**B={b}, C={c} (2^{int(math.log2(c))}), D={d}, {dt}**", "",
+            lines += [f"**B={b}, C={labels.class_count(c)}, D={d}, {dt}**", "",
                       "| backend | margin | fwd ms (p20–p80) | fwd+bwd ms (p20–p80) | fwd+bwd / naive "
                       "| peak extra MiB (fwd+bwd) | memory / naive | GEMM equiv. (fwd+bwd) |",
                       "|---|---|---|---|---|---|---|---|"]
@@ -317,7 +318,7 @@ def markdown(rec: Recorder, cfg: dict, device_desc: str, command: str) -> str:
                     med = v(op, "time_median")
                     if med is None:
                         return "–"
-                    return f"{med * 1e3:,.0f} ({v(op, 'time_p20') * 1e3:,.0f}–{v(op, 'time_p80') * 1e3:,.0f})"
+                    return f"{labels.ms(med)} ({labels.ms(v(op, 'time_p20'))}–{labels.ms(v(op, 'time_p80'))})"
                 tr = v("fwd+bwd", "time_ratio_vs_naive")
                 mem = v("fwd+bwd", "peak_extra_mem")
                 mr = v("fwd+bwd", "mem_ratio_vs_naive")
@@ -331,14 +332,14 @@ def markdown(rec: Recorder, cfg: dict, device_desc: str, command: str) -> str:
     sweep = rec.get(op="margin_sweep", metric="time_median")
     if sweep:
         c = sweep[0]["C"]
-        lines += [f"**Margin sweep: fwd+bwd, B={b}, C=2^{int(math.log2(c))}, D={d}, {sweep[0]['dtype']}**", "",
+        lines += [f"**Margin sweep: fwd+bwd, B={b}, C={labels.class_count(c)}, D={d}, {sweep[0]['dtype']}**", "",
                   "| backend | margin | ms (p20–p80) | / margin none |", "|---|---|---|---|"]
         for r in sweep:
             kw = dict(op="margin_sweep", backend=r["backend"], margin=r["margin"])
             ratio = rec.value(metric="time_ratio_vs_none", **kw)
-            lines.append(f"| {r['backend']} | {r['margin']} | {r['value'] * 1e3:,.0f} "
-                         f"({rec.value(metric='time_p20', **kw) * 1e3:,.0f}–"
-                         f"{rec.value(metric='time_p80', **kw) * 1e3:,.0f}) | "
+            lines.append(f"| {r['backend']} | {r['margin']} | {labels.ms(r['value'])} "
+                         f"({labels.ms(rec.value(metric='time_p20', **kw))}–"
+                         f"{labels.ms(rec.value(metric='time_p80', **kw))}) | "
                          f"{f'{ratio:.2f}x' if ratio else '1.00'} |")
         lines.append("")
     return "\n".join(lines)
@@ -394,7 +395,7 @@ def scale_report(rec: Recorder, cfg: dict, out_dir: str) -> str:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         avail = float("nan")
-    lines = [f"**Scale run: B={b}, C=2^{int(math.log2(c))}, D={d}, fp32, fwd+bwd ({rec.common['device']})**", "",
+    lines = [f"**Scale run: B={b}, C={labels.class_count(c)}, D={d}, fp32, fwd+bwd ({rec.common['device']})**", "",
              f"Weights {_fmt_bytes(4 * c * d)} MiB + their gradient {_fmt_bytes(4 * c * d)} MiB "
              f"(machine: {_fmt_bytes(avail)} MiB RAM).", "",
              "| backend | fwd+bwd s | peak extra MiB | peak total (RSS) MiB | peak total / (W + grad W) |",
@@ -411,6 +412,36 @@ def scale_report(rec: Recorder, cfg: dict, out_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of the sizes and counts: 0 or less is refused, not read as "not given"."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def default_device(preset: str | None) -> str:
+    """The device when --device is not given: the gpu and scale presets' own (CUDA, the
+    CPU), otherwise the GPU when there is one, else the CPU -- the README quickstart's
+    "default device"."""
+    if preset in ("gpu", "scale"):
+        return PRESETS[preset]["device"]
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,24 +449,26 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="default: quick on cpu, gpu on cuda")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/PRESET)")
-    ap.add_argument("--backends", nargs="+", default=None,
-                    help=f"candidates, from {list(peers.ALL_CANDIDATES)}")
-    ap.add_argument("--margins", nargs="+", default=None,
-                    help="margins of the margin sweep (the C sweep uses the first; default expface)")
-    ap.add_argument("--C", type=int, nargs="+", default=None, help="class counts")
-    ap.add_argument("--B", type=int, default=None)
-    ap.add_argument("--D", type=int, default=None)
+    ap.add_argument("--backends", nargs="+", default=None, choices=peers.ALL_CANDIDATES,
+                    metavar="NAME", help=f"candidates, from {list(peers.ALL_CANDIDATES)}")
+    ap.add_argument("--margins", nargs="+", default=None, choices=peers.ALL_MARGINS, metavar="NAME",
+                    help=f"margins of the margin sweep, from {list(peers.ALL_MARGINS)} "
+                         "(the C sweep uses the first; default expface)")
+    ap.add_argument("--C", type=_positive_int, nargs="+", default=None, help="class counts")
+    ap.add_argument("--B", type=_positive_int, default=None)
+    ap.add_argument("--D", type=_positive_int, default=None)
     ap.add_argument("--dtypes", nargs="+", choices=sorted(memory.DTYPES), default=None)
-    ap.add_argument("--rounds", type=int, default=None, help="measured rounds at every C")
-    ap.add_argument("--sweep-C", type=int, default=None, help="class count of the margin sweep")
-    ap.add_argument("--s", type=float, default=64.0)
+    ap.add_argument("--rounds", type=_positive_int, default=None, help="measured rounds at every C")
+    ap.add_argument("--sweep-C", type=_positive_int, default=None,
+                    help="class count of the margin sweep")
+    ap.add_argument("--s", type=_positive_float, default=64.0)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    device_name = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    device_name = args.device or default_device(args.preset)
     preset = args.preset or ("gpu" if device_name == "cuda" else "quick")
     cfg = {**PRESETS[preset], "rounds": dict(PRESETS[preset]["rounds"])}
     if cfg["sweep"]:
@@ -451,24 +484,23 @@ def main(argv=None) -> int:
     if preset == "full" and device.type == "cuda":
         cfg["Cs"] = [1 << k for k in range(14, 21)]
         cfg["backends"] = cfg["backends"] + ["triton", "liger", "cce"]
-    if args.C:
+    if args.C is not None:
         cfg["Cs"] = sorted(args.C)
     for k in ("B", "D"):
-        if getattr(args, k):
+        if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    if args.rounds:
+    if args.rounds is not None:
         cfg["rounds"], cfg["fwd_rounds"], cfg["default_rounds"] = {}, {}, args.rounds
         if cfg["sweep"]:
             cfg["sweep"]["rounds"] = args.rounds
     if args.dtypes:
         cfg["dtypes"] = args.dtypes
-    if args.sweep_C and cfg["sweep"]:
+    if args.sweep_C is not None and cfg["sweep"]:
         cfg["sweep"]["C"] = args.sweep_C
     if args.no_sweep:
         cfg["sweep"] = None
     names = args.backends or cfg["backends"]
-    margins = peers.valid_margins(args.margins or
-                                  (["expface"] if preset == "scale" else list(peers.ALL_MARGINS)))
+    margins = args.margins or (["expface"] if preset == "scale" else list(peers.ALL_MARGINS))
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", preset)
     os.makedirs(out_dir, exist_ok=True)
 
