@@ -452,7 +452,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
                 f"rank={self.rank}, world_size={self.world_size}, class_start={self.class_start}, "
                 f"num_local={self.num_local}, margin={self.margin!r}, s={self.s}, m={self.m}, "
-                f"margin_grad={self.margin_grad!r}, sample_rate={self.sample_rate}, "
+                f"margin_grad={self.margin_grad!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, sample_rate={self.sample_rate}, "
                 f"backend={self.backend!r}")
 
 

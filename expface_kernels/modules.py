@@ -65,7 +65,8 @@ class MarginSoftmaxLoss(nn.Module):
     def extra_repr(self) -> str:
         c, d = self.weight.shape
         return (f"num_classes={c}, embedding_size={d}, margin={self.margin!r}, s={self.s}, "
-                f"m={self.m}, margin_grad={self.margin_grad!r}, backend={self.backend!r}")
+                f"m={self.m}, margin_grad={self.margin_grad!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, backend={self.backend!r}")
 
 
 class ExpFaceLoss(MarginSoftmaxLoss):

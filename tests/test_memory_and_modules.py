@@ -49,6 +49,13 @@ def test_heads_match_function(cls, margin, m):
     assert margin in repr(head)
 
 
+def test_head_repr_shows_every_option():
+    head = ek.ArcFaceLoss(10, 4, reduction="sum", ignore_index=-100, margin_grad="straight_through")
+    assert repr(head) == ("ArcFaceLoss(num_classes=10, embedding_size=4, margin='arcface', s=64.0, "
+                          "m=0.5, margin_grad='straight_through', reduction='sum', ignore_index=-100, "
+                          "backend='auto')")
+
+
 def test_generic_head_combined_and_training_step():
     torch.manual_seed(0)
     head = ek.MarginSoftmaxLoss(50, 16, margin="combined", m=(1.0, 0.3, 0.2), backend="chunked")
