@@ -10,5 +10,6 @@ Run from the repository root::
 
 Modules: :mod:`bench.peers` (what is measured), :mod:`bench.timing` (alternating
 runs, median/p20/p80), :mod:`bench.memory` (peak extra memory; the CPU worker),
-:mod:`bench.plots` (PNG figures), :mod:`bench.run` (the CLI).
+:mod:`bench.plots` (PNG figures), :mod:`bench.labels` (how C and times are written),
+:mod:`bench.cli` (argparse types), :mod:`bench.run` (the CLI).
 """

@@ -13,13 +13,18 @@ behind queued work. Printed as a Markdown table; numbers are for the device name
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import expface_kernels as ek
-from expface_kernels import prologue
+from expface_kernels import backends, prologue
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import cli  # noqa: E402  (run as a script: bench/ is not a package on the path)
 
 
 class CountOps(TorchDispatchMode):
@@ -47,10 +52,14 @@ def _us_per_call(fn, calls: int, sync) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", nargs="+", default=["extension", "chunked"])
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--backends", nargs="+", default=["extension", "chunked"],
+                   choices=list(backends.BACKEND_NAMES))
+    p.add_argument("--calls", type=cli.positive_int, default=2000)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import math
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import time
 
 import torch
 
-from . import labels, memory, peers, timing
+from . import cli, labels, memory, peers, timing
 
 ACCEPT = {"B": 256, "C": 1 << 17, "D": 512, "margin": "expface", "dtype": "fp32"}
 """The issue-2 acceptance shape (ExpFace, fp32, forward+backward)."""
@@ -412,27 +411,6 @@ def scale_report(rec: Recorder, cfg: dict, out_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type of the sizes and counts: 0 or less is refused, not read as "not given"."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
 def default_device(preset: str | None) -> str:
     """The device when --device is not given: the gpu and scale presets' own (CUDA, the
     CPU), otherwise the GPU when there is one, else the CPU -- the README quickstart's
@@ -454,14 +432,14 @@ def main(argv=None) -> int:
     ap.add_argument("--margins", nargs="+", default=None, choices=peers.ALL_MARGINS, metavar="NAME",
                     help=f"margins of the margin sweep, from {list(peers.ALL_MARGINS)} "
                          "(the C sweep uses the first; default expface)")
-    ap.add_argument("--C", type=_positive_int, nargs="+", default=None, help="class counts")
-    ap.add_argument("--B", type=_positive_int, default=None)
-    ap.add_argument("--D", type=_positive_int, default=None)
+    ap.add_argument("--C", type=cli.positive_int, nargs="+", default=None, help="class counts")
+    ap.add_argument("--B", type=cli.positive_int, default=None)
+    ap.add_argument("--D", type=cli.positive_int, default=None)
     ap.add_argument("--dtypes", nargs="+", choices=sorted(memory.DTYPES), default=None)
-    ap.add_argument("--rounds", type=_positive_int, default=None, help="measured rounds at every C")
-    ap.add_argument("--sweep-C", type=_positive_int, default=None,
+    ap.add_argument("--rounds", type=cli.positive_int, default=None, help="measured rounds at every C")
+    ap.add_argument("--sweep-C", type=cli.positive_int, default=None,
                     help="class count of the margin sweep")
-    ap.add_argument("--s", type=_positive_float, default=64.0)
+    ap.add_argument("--s", type=cli.positive_float, default=64.0)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")

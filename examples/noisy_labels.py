@@ -37,6 +37,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import expface_kernels as ek  # noqa: E402
+from bench import cli  # noqa: E402
+from expface_kernels.margins import MARGINS  # noqa: E402
 
 
 def progress(iterable, total: int, desc: str):
@@ -181,18 +183,18 @@ def plot_angles(results, path, noise):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 30 s)")
-    ap.add_argument("--noise", type=float, default=0.3, help="fraction of flipped training labels")
-    ap.add_argument("--train-ids", type=int, default=1000)
-    ap.add_argument("--per-id", type=int, default=20)
-    ap.add_argument("--test-ids", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--emb", type=int, default=64)
-    ap.add_argument("--s", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--noise", type=cli.fraction, default=0.3, help="fraction of flipped training labels")
+    ap.add_argument("--train-ids", type=cli.positive_int, default=1000)
+    ap.add_argument("--per-id", type=cli.positive_int, default=20)
+    ap.add_argument("--test-ids", type=cli.positive_int, default=200)
+    ap.add_argument("--epochs", type=cli.positive_int, default=30)
+    ap.add_argument("--batch", type=cli.positive_int, default=256)
+    ap.add_argument("--emb", type=cli.positive_int, default=64)
+    ap.add_argument("--s", type=cli.positive_float, default=32.0)
+    ap.add_argument("--lr", type=cli.positive_float, default=0.1)
     ap.add_argument("--margin-grad", default="exact", choices=["exact", "straight_through"])
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--margins", nargs="+", default=["expface", "arcface"])
+    ap.add_argument("--threads", type=cli.positive_int, default=1, help="torch intra-op threads")
+    ap.add_argument("--margins", nargs="+", default=["expface", "arcface"], choices=list(MARGINS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   "bench", "out", "noisy_labels"))
     args = ap.parse_args(argv)

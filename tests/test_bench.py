@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 sys.path.insert(0, ROOT)
-from bench import labels, memory, peers, run  # noqa: E402
+from bench import cli, labels, memory, peers, run  # noqa: E402
 from bench.run import CSV_COLUMNS  # noqa: E402
 
 
@@ -95,6 +95,18 @@ def test_runner_refuses_bad_arguments(args, message, capsys):
         run.main(args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_types_refuse_out_of_range_values():
+    import argparse
+    assert cli.positive_int("3") == 3 and cli.positive_float("0.5") == 0.5
+    assert cli.fraction("0") == 0.0 and cli.fraction("1") == 1.0
+    for fn, bad in ((cli.positive_int, ["0", "-1", "2.5", "x"]),
+                    (cli.positive_float, ["0", "-1", "nan", "inf", "x"]),
+                    (cli.fraction, ["-0.1", "1.5", "nan", "x"])):
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+                fn(text)
 
 
 def test_runner_default_device_is_the_gpu_when_there_is_one(monkeypatch):
