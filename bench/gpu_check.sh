@@ -18,8 +18,9 @@
 # Knobs (environment):
 #   GPU_CHECK_TOTAL_S   whole-script target in seconds (default 450)
 #   GPU_CHECK_STEPS     which steps, in this order (default: all of them)
-#                       test_ext sanitize test_triton bench profile capacity
-#                       (they run in the order test_ext sanitize bench profile test_triton capacity)
+#                       test_ext sanitize test_triton bench profile capacity quickstart
+#                       (they run in the order test_ext sanitize bench profile test_triton
+#                       capacity quickstart)
 #   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py (default: none -- its
 #                       defaults, issue 3's sweep: C = 2^20, 2^18, 2^16 largest first,
 #                       B = 512 and 1024, bf16 and fp16-x/fp32-W, every backend and peer;
@@ -46,7 +47,7 @@ pack() { cp "$LOG"/*.md "$LOG"/*.csv "$OUT"/ 2>/dev/null; tar -czf "$OUT/logs.ta
 trap pack EXIT
 T0=$(date +%s)
 TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
-STEPS=" ${GPU_CHECK_STEPS:-test_ext sanitize test_triton bench profile capacity} "
+STEPS=" ${GPU_CHECK_STEPS:-test_ext sanitize test_triton bench profile capacity quickstart} "
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # box MAX RESERVE [MIN]: at most MAX seconds, leaving RESERVE seconds for the later
 # steps, but at least MIN (default 20)
@@ -188,6 +189,17 @@ if want capacity; then
   timeout $(( CB + 20 )) python bench/gpu_profile.py --parts capacity --budget-s "$CB" --out "$LOG" \
     > "$LOG/gpu_capacity.log" 2>&1
   rc=$?; status+=("capacity: rc=$rc (budget ${CB}s)")
+fi
+
+if want quickstart; then
+  echo "== quickstart: python -m bench.run on CUDA, one small shape (t=$(elapsed)s)"
+  # The README's main job picks the GPU by default (the gpu preset); no GPU has run
+  # bench.run yet, so this checks its CUDA path (timing, in-process memory, table) at a
+  # toy shape: the numbers are not kept.
+  timeout "$(box 60 0)" python -m bench.run --device cuda --C 16384 --B 64 --D 64 --rounds 2 \
+    --no-plots --no-sweep --backends naive chunked triton extension --out "$LOG/quickstart" \
+    > "$LOG/quickstart.log" 2>&1
+  rc=$?; status+=("quickstart (bench.run --device cuda): rc=$rc: $(grep -c '^| ' "$LOG/quickstart.log") table rows")
 fi
 
 echo "== summary (t=$(elapsed)s)"
