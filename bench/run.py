@@ -423,7 +423,9 @@ def default_device(preset: str | None) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: the GPU when there is one, else the CPU "
+                         "(--preset gpu: cuda, --preset scale: cpu)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="default: quick on cpu, gpu on cuda")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/PRESET)")
