@@ -33,5 +33,6 @@ def positive_float(text: str) -> float:
 
 
 def fraction(text: str) -> float:
-    """A float in [0, 1]."""
-    return _parsed(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    """A float strictly between 0 and 1 (examples/noisy_labels.py's --noise: it compares
+    flipped against clean samples, so neither group may be empty)."""
+    return _parsed(text, float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")

@@ -100,10 +100,10 @@ def test_runner_refuses_bad_arguments(args, message, capsys):
 def test_cli_types_refuse_out_of_range_values():
     import argparse
     assert cli.positive_int("3") == 3 and cli.positive_float("0.5") == 0.5
-    assert cli.fraction("0") == 0.0 and cli.fraction("1") == 1.0
+    assert cli.fraction("0.3") == 0.3
     for fn, bad in ((cli.positive_int, ["0", "-1", "2.5", "x"]),
                     (cli.positive_float, ["0", "-1", "nan", "inf", "x"]),
-                    (cli.fraction, ["-0.1", "1.5", "nan", "x"])):
+                    (cli.fraction, ["0", "1", "-0.1", "1.5", "nan", "x"])):
         for text in bad:
             with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
                 fn(text)
