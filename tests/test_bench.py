@@ -36,8 +36,10 @@ def _png_ok(path):
 
 def test_runner_quick_tiny(tmp_path):
     out = tmp_path / "bench"
-    p = _run(["-m", "bench.run", "--C", "512", "4096", "--B", "64", "--D", "32", "--rounds", "2",
-              "--sweep-C", "512", "--backends", "naive", "chunked", "triton", "--out", str(out)])
+    # --device cpu: without it a GPU machine would run this on the GPU (the default device)
+    p = _run(["-m", "bench.run", "--device", "cpu", "--C", "512", "4096", "--B", "64", "--D", "32",
+              "--rounds", "2", "--sweep-C", "512", "--backends", "naive", "chunked", "triton",
+              "--out", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "skipped triton" in p.stderr  # never timed on the CPU
     assert "CPU numbers" in p.stdout and "| chunked | expface |" in p.stdout
