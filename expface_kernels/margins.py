@@ -163,7 +163,10 @@ def _check_combined(m) -> str | None:
 MARGINS: dict[str, Margin] = {
     "expface": Margin("expface", 0.7, _check_scalar(0.0, 1.0, True, False, "0 < m <= 1"),
                       _expface_psi, _expface_dpsi),
-    "arcface": Margin("arcface", 0.5, _check_scalar(0.0, math.pi, False, True, "0 <= m < pi"),
+    # pytorch-metric-learning's ArcFaceLoss takes its margin in degrees (28.6 = 0.5 rad):
+    # the message says which unit this one is in.
+    "arcface": Margin("arcface", 0.5,
+                      _check_scalar(0.0, math.pi, False, True, "0 <= m < pi, in radians"),
                       _arcface_psi, _arcface_dpsi),
     "cosface": Margin("cosface", 0.35, _check_scalar(0.0, 2.0, False, False, "0 <= m <= 2")),
     "sphereface": Margin("sphereface", 1.7,

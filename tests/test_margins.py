@@ -103,7 +103,7 @@ def test_target_terms_modes():
 
 @pytest.mark.parametrize("name,m,msg", [
     ("expface", 0.0, "0 < m <= 1"), ("expface", 1.5, "0 < m <= 1"), ("expface", float("nan"), "finite"),
-    ("arcface", -0.1, "0 <= m < pi"), ("arcface", 4.0, "0 <= m < pi"), ("cosface", -1.0, "0 <= m <= 2"),
+    ("arcface", -0.1, "0 <= m < pi"), ("arcface", 28.6, "0 <= m < pi, in radians"), ("cosface", -1.0, "0 <= m <= 2"),
     ("sphereface", 0.5, "m >= 1"), ("combined", 0.5, "tuple"), ("combined", (1.0, 0.5), "tuple"),
     ("combined", (0.0, 0.5, 0.0), "m1 > 0"), ("combined", (1.0, -0.5, 0.0), "m2 >= 0"),
     ("none", 0.3, "m must be None"), ("expface", "0.7", "finite float"), ("arcface", True, "finite float"),
