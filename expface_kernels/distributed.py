@@ -162,9 +162,23 @@ def reshard(shards: Sequence[Tensor], world_size: int) -> list[Tensor]:
         shards: the (num_local_r, D) weights of ranks 0..W-1, in rank order.
     Returns:
         ``world_size`` tensors, rank order, whose concatenation equals that of ``shards``.
+    Raises:
+        ValueError: when the shards' row counts are not :func:`shard_bounds`' for W ranks
+        (shards out of rank order, where the split is uneven, or not one checkpoint's).
     """
     if len(shards) == 0:
         raise ValueError("shards must hold at least one (num_local, D) tensor")
+    if any(not isinstance(t, Tensor) or t.dim() != 2 for t in shards):
+        raise ValueError("shards must be 2-D (num_local, D) tensors, got shapes "
+                         f"{[tuple(getattr(t, 'shape', ())) for t in shards]}")
+    # The rows of shards in the wrong order would concatenate into a permuted weight;
+    # with an uneven split their sizes show it (C=11 over 2 ranks: 6 then 5 rows).
+    got = [t.shape[0] for t in shards]
+    c = sum(got)
+    want = [shard_bounds(c, len(shards), r)[1] for r in range(len(shards))]
+    if got != want:
+        raise ValueError(f"shards must be the blocks of ranks 0..{len(shards) - 1} in rank order "
+                         f"(shard_bounds: {want} rows for C={c}), got {got} rows")
     full = torch.cat([s.detach() for s in shards], 0)
     return [shard_weight(full, world_size, r) for r in range(world_size)]
 

@@ -468,6 +468,11 @@ def test_shard_bounds_and_reshard():
     assert [t.shape[0] for t in s3] == [4, 4, 3]
     assert torch.equal(torch.cat(s3), full)
     assert torch.equal(torch.cat(reshard(s3, 2)), full)
+    # Shards out of rank order (6 + 5 rows passed as 5 + 6) would permute the classes.
+    with pytest.raises(ValueError, match=r"rank order .*\[6, 5\] rows for C=11\), got \[5, 6\]"):
+        reshard(s2[::-1], 3)
+    with pytest.raises(ValueError, match="2-D"):
+        reshard([full[:6], full[6:].flatten()], 3)
     # The seeded init is world-size independent, across chunk boundaries too.
     c = 2 * INIT_CHUNK_ROWS + 17
     big = init_weight_rows(0, c, 3, seed=5)
