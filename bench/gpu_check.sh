@@ -196,7 +196,7 @@ if want quickstart; then
   # The README's main job picks the GPU by default (the gpu preset); no GPU has run
   # bench.run yet, so this checks its CUDA path (timing, in-process memory, table) at a
   # toy shape: the numbers are not kept.
-  timeout "$(box 60 0)" python -m bench.run --device cuda --C 16384 --B 64 --D 64 --rounds 2 \
+  timeout "$(box 90 0)" python -m bench.run --device cuda --C 16384 --B 64 --D 64 --rounds 2 \
     --no-plots --no-sweep --backends naive chunked triton extension --out "$LOG/quickstart" \
     > "$LOG/quickstart.log" 2>&1
   rc=$?; status+=("quickstart (bench.run --device cuda): rc=$rc: $(grep -c '^| ' "$LOG/quickstart.log") table rows")
