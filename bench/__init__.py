@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m bench.run                      # the default device: the gpu preset on a GPU, else
-                                             # the quick CPU preset (< 2 minutes on 2 cores)
+                                             # the quick CPU preset (~3 minutes on 2 cores)
     python -m bench.run --preset full        # every power of two, more repeats
     python -m bench.run --device cuda --preset gpu
     python -m bench.run --preset scale       # C = 2^22 on the CPU, chunked/extension only
