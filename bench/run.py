@@ -14,7 +14,7 @@ The presets:
     quick   the default without a GPU: B=256, D=512, C ∈ {2^14, 2^15, 2^17} (2^17 is the
             issue-2 acceptance shape), naive / chunked / extension / pml; margin sweep at
             2^14. 174-193 s on the 2-core CPU including the plots (2026-12-03; the
-            C=2^17 fwd+bwd rounds are two thirds of it).
+            C=2^17 timing rounds 87 s of the 193).
     full    C = 2^14 … 2^17 (CPU) or 2^14 … 2^20 (CUDA), more rounds, every peer.
     gpu     the default with a GPU: B=512, D=512, C = 2^14, 2^16, 2^18, 2^20, fp32 and
             bf16, every backend and peer except naive_compile (recompiles per shape; add it
