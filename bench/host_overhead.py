@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cpu", "cuda"])
     p.add_argument("--backends", nargs="+", default=["extension", "chunked"],
-                   choices=list(backends.BACKEND_NAMES))
+                   choices=["auto", *backends.BACKEND_NAMES])
     p.add_argument("--calls", type=cli.positive_int, default=2000)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
