@@ -183,6 +183,17 @@ def test_host_overhead_script_counts_fewer_ops_with_the_extension_ops():
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows), p.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--calls", "0"], "argument --calls: expected a positive integer, got '0'"),  # was ZeroDivisionError
+    (["--backends", "foo"], "argument --backends: invalid choice: 'foo'"),
+])
+def test_host_overhead_script_refuses_bad_arguments(args, message, capsys):
+    from bench import host_overhead
+    with pytest.raises(SystemExit) as e:
+        host_overhead.main(["--device", "cpu", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_device_benchmark_scripts_smoke_on_cpu(tmp_path):
     """bench/gpu_bench.py and bench/gpu_profile.py run their logic on CPU (``--device cpu``:
     tiny shapes, the Triton interpreter) and write their tables; every Triton variant's
