@@ -286,9 +286,15 @@ def _errors(rank: int, world: int) -> dict:
 def _checkpoint(rank: int, world: int, ckpt_in: str) -> dict:
     """Seeded init is world-size independent; gather to one/all ranks; load a full
     weight saved by another world size."""
+    import expface_kernels.distributed as D
     c, d = 11, 8
     head = ShardedMarginSoftmaxLoss(c, d, seed=7, backend="chunked")
     full_ref = init_weight_rows(0, c, d, 7)
+    # Every gather lets gloo release its tensors before returning (the exit abort of
+    # _await_collective_release): record that each wait ended with Python the sole owner.
+    released = []
+    wait = D._await_collective_release
+    D._await_collective_release = lambda ts, *a, **k: released.append(wait(ts, *a, **k))
     g0 = head.gather_weight(dst=0)
     gall = head.gather_weight(dst=None)
     g_last = head.gather_weight(dst=world - 1)
@@ -304,6 +310,8 @@ def _checkpoint(rank: int, world: int, ckpt_in: str) -> dict:
     head.load_full_weight(full2)
     assert torch.equal(head.weight, shard_weight(full2, world, rank))
     assert torch.equal(head.gather_weight(dst=None), full2)
+    D._await_collective_release = wait
+    assert released == [True] * 4, released
     return {"ok": True}
 
 
@@ -480,6 +488,23 @@ def test_shard_bounds_and_reshard():
         parts = [init_weight_rows(*shard_bounds(c, w, r), 3, seed=5) for r in range(w)]
         assert torch.equal(torch.cat(parts), big)
     assert abs(big.std().item() - 0.01) < 1e-3
+
+
+def test_await_collective_release():
+    """The wait ends once Python holds the only reference, and gives up after its timeout."""
+    import threading
+
+    from expface_kernels.distributed import _await_collective_release
+    t = torch.ones(4)
+    assert _await_collective_release([t], timeout_s=0.0)
+    holder = [t[1:]]  # a view holds a C++ reference to its base: what gloo's work does
+    t0 = time.monotonic()
+    assert not _await_collective_release([t], timeout_s=0.05)
+    assert time.monotonic() - t0 >= 0.05
+    threading.Timer(0.05, holder.clear).start()  # the "worker" lets go later
+    t0 = time.monotonic()
+    assert _await_collective_release([t], timeout_s=10.0)
+    assert 0.04 <= time.monotonic() - t0 < 5.0
 
 
 def test_bad_arguments():
