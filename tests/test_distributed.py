@@ -294,7 +294,12 @@ def _checkpoint(rank: int, world: int, ckpt_in: str) -> dict:
     # _await_collective_release): record that each wait ended with Python the sole owner.
     released = []
     wait = D._await_collective_release
-    D._await_collective_release = lambda ts, *a, **k: released.append(wait(ts, *a, **k))
+
+    def recording_wait(tensors, *args, **kwargs):
+        released.append(wait(tensors, *args, **kwargs))
+        return released[-1]
+
+    D._await_collective_release = recording_wait
     g0 = head.gather_weight(dst=0)
     gall = head.gather_weight(dst=None)
     g_last = head.gather_weight(dst=world - 1)
@@ -505,6 +510,8 @@ def test_await_collective_release():
     t0 = time.monotonic()
     assert _await_collective_release([t], timeout_s=10.0)
     assert 0.04 <= time.monotonic() - t0 < 5.0
+    # Not on the CPU (CUDA there): no wait, which would be a host sync.
+    assert not _await_collective_release([torch.empty(4, device="meta")], timeout_s=10.0)
 
 
 def test_bad_arguments():
