@@ -165,6 +165,29 @@ Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a, b).to(acc);
 }
 
+// out = a @ b for 16-bit a, b and an fp32 out (a slice of grad_w), with no temporary:
+// aten::mm.dtype_out where this torch has it (CUDA), else mm_acc's product copied in.
+void mm_acc_out(const Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.is_cuda() && out.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {
+    using Fn = Tensor&(const Tensor&, const Tensor&, at::ScalarType, Tensor&);
+    static const std::optional<c10::TypedOperatorHandle<Fn>> op = []() -> std::optional<c10::TypedOperatorHandle<Fn>> {
+      try {
+        auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
+        if (h.has_value()) return h->typed<Fn>();
+      } catch (const c10::Error&) {
+        // a schema of another signature: use the fallback below
+      }
+      return std::nullopt;
+    }();
+    if (op.has_value()) {
+      Tensor o = out;
+      op->call(a, b, at::kFloat, o);
+      return;
+    }
+  }
+  out.copy_(mm_acc(a, b, out.scalar_type()));
+}
+
 // out (+)= a @ b with the K products summed in chunks of at most kSumChunkCPU terms,
 // each chunk's product formed from zero in `part` (>= out's size) and then added (CPU).
 // MKL (torch 2.14.1 on a 2-core AMD EPYC, AVX2) runs a product with 1-2 rows, or with
@@ -199,9 +222,10 @@ void add_mm_in_k_chunks(Tensor out, const Tensor& a, const Tensor& b, const Tens
 // buffer holds x_hat . W_j, of size ||W_j||, and the gradient GEMMs take G_ij * winv_j,
 // up to s * grad_row / ||W_j||.  An fp16 W with row norms 3.4e-4 (B = 8, D = 128,
 // s = 64, reduction none, CPU) gave NaN gradients where the reference's fp16 gradients
-// were finite (4e-4 from float64).  The rows are written by one mul_out, as the plain
-// cast of an fp32 W they replace on the mixed CUDA path (for an fp16 W: one more pass
-// over the chunk; grad_W then costs the same ops as before -- see unit_rows below).
+// were finite (4e-4 from float64).  The rows are written by one pass (the normalize_rows
+// op), as the plain cast of an fp32 W they replace on the mixed CUDA path (for an fp16
+// W: one more pass over the chunk); grad_W's projection puts back the winv_j that G
+// then lacks (project_rows' scale_rows, see grads_impl).
 // bf16 and the wider dtypes have fp32's range: raw rows, no copy.
 bool takes_unit_rows(at::ScalarType cd) { return cd == at::kHalf; }
 
@@ -211,10 +235,11 @@ struct GemmOperand {
   bool unit_rows;
 };
 
-GemmOperand gemm_operand(const Tensor& w_rows, const Tensor& winv_rows, at::ScalarType cd, const Tensor& ones) {
+GemmOperand gemm_operand(const EpilogueOps& ops, const Tensor& w_rows, const Tensor& winv_rows, at::ScalarType cd,
+                         const Tensor& ones) {
   if (!takes_unit_rows(cd)) return {w_rows.to(cd), winv_rows, false};
   Tensor w_hat = at::empty(w_rows.sizes(), w_rows.options().dtype(cd));
-  at::mul_out(w_hat, w_rows, winv_rows.unsqueeze(1));
+  ops.normalize_rows(w_rows, winv_rows, w_hat);
   return {w_hat, ones.narrow(0, 0, w_rows.size(0)), true};
 }
 
@@ -260,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_partials_impl(const EpilogueOps& ops, con
   const Tensor ones = unit_scales(c.cd, nc, acc_opts);
   for (int64_t j0 = 0; j0 < c.n; j0 += nc) {
     const int64_t len = std::min(nc, c.n - j0);
-    const GemmOperand op = gemm_operand(wr.narrow(0, j0, len), winv.narrow(0, j0, len), c.cd, ones);
+    const GemmOperand op = gemm_operand(ops, wr.narrow(0, j0, len), winv.narrow(0, j0, len), c.cd, ones);
     Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
     at::mm_out(L, xc, op.w.t());
     ops.lse_block(L, op.epi_winv, tl, lab, s, offset + j0, row_max, row_sumexp);
@@ -299,7 +324,7 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
     const int64_t len = std::min(nc, c.n - j0);
     Tensor w_raw = wr.narrow(0, j0, len);
     Tensor winv_c = winv.narrow(0, j0, len);
-    const GemmOperand op = gemm_operand(w_raw, winv_c, c.cd, ones);
+    const GemmOperand op = gemm_operand(ops, w_raw, winv_c, c.cd, ones);
     const Tensor& wc = op.w;
     Tensor L = buf.narrow(0, 0, c.B * len).view({c.B, len});
     at::mm_out(L, xc, wc.t());
@@ -318,15 +343,23 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
     // 6 more ATen calls per chunk and made the backward host-bound (13.1 ms of host time
     // against 7.1 ms without it; H200, B=512, C=2^20, bf16).
     Tensor gwc = gw.narrow(0, j0, len);
-    if (op.unit_rows) {
-      // G carried no winv: the projection's input is winv_j * (G^T x_hat)_j, formed in
-      // acc (3 ops, as the other two branches: GEMM, scale / widen, projection).
-      ops.project_rows(mm_acc(L.t(), xc, c.acc).mul_(winv_c.unsqueeze(1)), w_raw, winv_c, gwc);
+    if (op.unit_rows && gw.scalar_type() == c.acc) {
+      // G carried no winv: (G^T x_hat)_j in fp32 straight into grad_w (an fp32 W: the
+      // mixed fp16 x / fp32 W case), the projection scales the rows by winv_j in place.
+      // Through an fp32 (chunk, D) temporary and a separate winv pass the step took
+      // 14.87 ms and 101 MiB against 9.81 ms / 77 MiB before unit rows (H200, B = 512,
+      // C = 2^20, D = 512, 2026-12-04 / 11-28).
+      mm_acc_out(gwc, L.t(), xc);
+      ops.project_rows(gwc, w_raw, winv_c, gwc, /*scale_rows=*/true);
+    } else if (op.unit_rows) {
+      // an fp16 W: the product in fp32 (G^T x_hat can pass 65504 under reduction="sum"),
+      // projected and scaled into grad_w's fp16 rows
+      ops.project_rows(mm_acc(L.t(), xc, c.acc), w_raw, winv_c, gwc, /*scale_rows=*/true);
     } else if (w.scalar_type() == c.cd) {
       at::mm_out(gwc, L.t(), xc);
-      ops.project_rows(gwc, w_raw, winv_c, gwc);
+      ops.project_rows(gwc, w_raw, winv_c, gwc, /*scale_rows=*/false);
     } else {
-      ops.project_rows(at::mm(L.t(), xc), w_raw, winv_c, gwc);
+      ops.project_rows(at::mm(L.t(), xc), w_raw, winv_c, gwc, /*scale_rows=*/false);
     }
   }
   return {gx, gw};
@@ -352,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
   Tensor tl = acc_vec(target_logit, c.acc), tf = acc_vec(target_factor, c.acc), gr = acc_vec(grad_row, c.acc);
   Tensor xc = x_hat.to(c.cd).contiguous();
   // A C x D copy for a mixed low-precision W, or for fp16 (README "fp16 GEMMs").
-  const GemmOperand op = gemm_operand(wr, winv, c.cd, unit_scales(c.cd, c.n, acc_opts));
+  const GemmOperand op = gemm_operand(ops, wr, winv, c.cd, unit_scales(c.cd, c.n, acc_opts));
   const Tensor& wc = op.w;
 
   Tensor lse = at::empty({c.B}, acc_opts);
@@ -400,8 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
       }
     }
   }
-  if (op.unit_rows) gw_acc.mul_(winv.unsqueeze(1));  // the winv that G did not carry
-  ops.project_rows(gw_acc, wr, winv, gw_acc);
+  ops.project_rows(gw_acc, wr, winv, gw_acc, /*scale_rows=*/op.unit_rows);  // unit rows: the winv G lacked
   Tensor gw = direct ? gw_acc : gw_acc.to(w.scalar_type());
   return {lse, gx, gw, winv};
 }

@@ -63,11 +63,17 @@ struct EpilogueOps {
   void (*fused_rows)(const at::Tensor& L, const at::Tensor& winv, const at::Tensor& target_logit,
                      const at::Tensor& target_factor, const at::Tensor& labels, const at::Tensor& grad_row,
                      double s, const at::Tensor& lse, const at::Tensor& row_scale, const at::Tensor& tgrad);
-  // gs (n, D) holding gs_j = winv_j * g_j, in the acc dtype or the GEMMs' 16-bit dtype;
+  // gs (n, D) holding gs_j = winv_j * g_j (scale_rows false) or g_j (true: the product of
+  // normalised rows, G without winv), in the acc dtype or the GEMMs' 16-bit dtype;
   // out (n, D) in the acc dtype or w's (may be gs itself: in place); fp32/fp64 math,
   // rounded once into out:
-  //   out_j <- gs_j - w_hat_j (w_hat_j . gs_j)   where winv_j <= 1e12 (F.normalize's backward).
-  void (*project_rows)(const at::Tensor& gs, const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out);
+  //   out_j <- a_j (gs_j - w_hat_j (w_hat_j . gs_j)),  a_j = winv_j if scale_rows else 1,
+  // the projection where winv_j <= 1e12 (F.normalize's backward).
+  void (*project_rows)(const at::Tensor& gs, const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out,
+                       bool scale_rows);
+  // out_j <- w_j * winv_j (n, D), product in fp32 rounded once into out's dtype (fp16):
+  // the normalised rows the fp16 GEMMs take (ek_driver.cpp gemm_operand).
+  void (*normalize_rows)(const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out);
   // Device name for messages ("CPU" / "CUDA").
   const char* device_name;
 };

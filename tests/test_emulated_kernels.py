@@ -200,10 +200,11 @@ def test_row_inv_norm_kernel(emu, dtype, n, D):
     assert _rel(winv, want) <= 1e-6
 
 
-def _projection_truth(gs, w, winv):
+def _projection_truth(gs, w, winv, scale_rows=False):
     gs, w, winv = gs.double(), w.double(), winv.double()
     k = torch.where(winv <= 1e12, winv * winv * (w * gs).sum(1), torch.zeros_like(winv))
-    return gs - k[:, None] * w
+    out = gs - k[:, None] * w
+    return out * winv[:, None] if scale_rows else out
 
 
 @pytest.mark.parametrize("g_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
@@ -211,21 +212,40 @@ def _projection_truth(gs, w, winv):
                                              (torch.float16, torch.float32)])
 @pytest.mark.parametrize("vec", [True, False])
 @pytest.mark.parametrize("n,D", [(11, 64), (3, 512)])
-def test_project_rows_kernels(emu, g_dtype, w_dtype, vec, n, D):
+@pytest.mark.parametrize("scale_rows", [False, True])
+def test_project_rows_kernels(emu, g_dtype, w_dtype, vec, n, D, scale_rows):
+    """scale_rows: gs is the product of normalised rows (fp16 GEMMs), each output row also
+    takes its winv_j -- rows of norm ~0.05..20 here, so a missing or doubled scale shows."""
     g = torch.Generator().manual_seed(D + n)
-    w = torch.randn(n, D, generator=g).to(w_dtype)
-    w[1] = 0                                                # clamped norm: a plain copy
+    w = torch.randn(n, D, generator=g) * torch.logspace(-1.3, 1.3, n)[:, None]
+    w = w.to(w_dtype)
+    if not scale_rows:
+        w[1] = 0                                            # clamped norm: a plain copy
     winv = 1.0 / w.double().norm(dim=1).clamp_min(NORM_EPS)
     winv = winv.float()
     gs = torch.randn(n, D, generator=g).to(g_dtype)
-    want = _projection_truth(gs, w, winv)
+    want = _projection_truth(gs, w, winv, scale_rows)
     out = torch.empty(n, D, dtype=w_dtype)
-    emu.project_rows(gs, w, winv, out, vec)
+    emu.project_rows(gs, w, winv, out, vec, scale_rows)
     assert _rel(out, want) <= 2 * TOL[w_dtype if w_dtype != torch.float32 else torch.float32] + 1e-6
     if g_dtype == w_dtype:                                  # in place, as the driver calls it
         inplace = gs.clone()
-        emu.project_rows(inplace, w, winv, inplace, vec)
+        emu.project_rows(inplace, w, winv, inplace, vec, scale_rows)
         assert torch.equal(inplace, out)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vec,n,D", [(True, 11, 64), (True, 3, 520), (True, 9, 8), (False, 11, 64), (False, 5, 37)])
+def test_normalize_rows_kernel(emu, w_dtype, vec, n, D):
+    """The fp16 GEMMs' W operand: each row times its winv, formed in fp32 and rounded once
+    to fp16 -- bit for bit what ATen's broadcast multiply (the CPU op) gives."""
+    g = torch.Generator().manual_seed(n * D)
+    w = (torch.randn(n, D, generator=g) * torch.logspace(-3.5, 1, n)[:, None]).to(w_dtype)
+    winv = (1.0 / w.double().norm(dim=1).clamp_min(NORM_EPS)).float()
+    out = torch.full((n, D), float("nan"), dtype=torch.float16)   # every element must be written
+    emu.normalize_rows(w, winv, out, vec)
+    assert torch.equal(out, (w.float() * winv[:, None]).half())
+    assert _rel(out, w.double() * winv.double()[:, None]) <= 1e-3
 
 
 # ------------------------------------------------------------------ the per-row ops

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -216,7 +217,7 @@ void fused_rows_cpu(const Tensor& L, const Tensor& winv, const Tensor& target_lo
 
 // ---------------------------------------------------------------- project_rows
 template <typename scalar_t, typename acc_t, typename out_t>
-void project_rows_kernel(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out) {
+void project_rows_kernel(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out, bool scale_rows) {
   const int64_t n = gs.size(0), D = gs.size(1);
   const acc_t* G = gs.const_data_ptr<acc_t>();
   out_t* O = out.mutable_data_ptr<out_t>();  // may be G itself (in place)
@@ -231,14 +232,15 @@ void project_rows_kernel(const Tensor& gs, const Tensor& w, const Tensor& winv, 
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(r[d]) * g[d];
       const acc_t k = projection_coef(wv[j], dot);
+      const acc_t a = scale_rows ? wv[j] : acc_t(1);
       // element-wise (o[d] depends on g[d] only): vectorisable also when o aliases g
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(g[d] - k * static_cast<acc_t>(r[d]));
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(a * (g[d] - k * static_cast<acc_t>(r[d])));
     }
   });
 }
 
-void project_rows_cpu(const Tensor& gs_in, const Tensor& w, const Tensor& winv, const Tensor& out) {
+void project_rows_cpu(const Tensor& gs_in, const Tensor& w, const Tensor& winv, const Tensor& out, bool scale_rows) {
   // The projection runs in the acc dtype (winv's); a 16-bit grad_W product is widened
   // first (a (rows, D) copy: the CPU path forms its 16-bit products this way anyway).
   const Tensor gs = gs_in.scalar_type() == winv.scalar_type() ? gs_in : gs_in.to(winv.scalar_type());
@@ -247,17 +249,23 @@ void project_rows_cpu(const Tensor& gs_in, const Tensor& w, const Tensor& winv, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "expface_project_rows_cpu", [&] {
     const bool same = out.scalar_type() == gs.scalar_type();
     if (gs.scalar_type() == at::kDouble) {
-      if (same) project_rows_kernel<scalar_t, double, double>(gs, w, winv, out);
-      else project_rows_kernel<scalar_t, double, scalar_t>(gs, w, winv, out);
+      if (same) project_rows_kernel<scalar_t, double, double>(gs, w, winv, out, scale_rows);
+      else project_rows_kernel<scalar_t, double, scalar_t>(gs, w, winv, out, scale_rows);
     } else {
-      if (same) project_rows_kernel<scalar_t, float, float>(gs, w, winv, out);
-      else project_rows_kernel<scalar_t, float, scalar_t>(gs, w, winv, out);
+      if (same) project_rows_kernel<scalar_t, float, float>(gs, w, winv, out, scale_rows);
+      else project_rows_kernel<scalar_t, float, scalar_t>(gs, w, winv, out, scale_rows);
     }
   });
 }
 
-const EpilogueOps kCpuOps{row_inv_norm_cpu, lse_block_cpu, grads_block_cpu, fused_rows_cpu, project_rows_cpu,
-                          "CPU"};
+// ATen's broadcast multiply, computed in winv's (acc) dtype and rounded once into out.
+void normalize_rows_cpu(const Tensor& w, const Tensor& winv, const Tensor& out) {
+  Tensor o = out;  // (a handle: mul_out takes a mutable one)
+  at::mul_out(o, w, winv.unsqueeze(1));
+}
+
+const EpilogueOps kCpuOps{row_inv_norm_cpu, lse_block_cpu,    grads_block_cpu,    fused_rows_cpu,
+                          project_rows_cpu, normalize_rows_cpu, "CPU"};
 
 std::tuple<Tensor, Tensor, Tensor> lse_partials_cpu(const Tensor& x_hat, const Tensor& w, const Tensor& target_logit,
                                                     const Tensor& labels, double s, int64_t offset,

@@ -127,7 +127,30 @@ void fused_rows_cuda(const Tensor& L, const Tensor& winv, const Tensor& target_l
   });
 }
 
-void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out) {
+void normalize_rows_cuda(const Tensor& w, const Tensor& winv, const Tensor& out) {
+  const int64_t n = w.size(0), D = w.size(1);
+  TORCH_CHECK(out.scalar_type() == at::kHalf && w.is_contiguous() && out.is_contiguous(),
+              "expface_kernels: internal: normalize_rows writes contiguous float16 rows");
+  if (n == 0 || D == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned int grid = rows_grid((n + kWRows - 1) / kWRows);
+  constexpr int kV = 8;  // 16 bytes of fp16 out
+  const bool vec = D % kV == 0 && aligned16(w.const_data_ptr()) && aligned16(out.const_data_ptr());
+  EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_normalize_rows_cuda", [&] {
+    const auto* W = w.const_data_ptr<scalar_t>();
+    auto* O = out.mutable_data_ptr<at::Half>();
+    if (vec) {
+      normalize_rows_kernel<scalar_t, at::Half, kV><<<grid, kWRows * 32, 0, stream>>>(
+          W, winv.const_data_ptr<float>(), O, n, D);
+    } else {
+      normalize_rows_kernel<scalar_t, at::Half, 1><<<grid, kWRows * 32, 0, stream>>>(
+          W, winv.const_data_ptr<float>(), O, n, D);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, const Tensor& out, bool scale_rows) {
   const int64_t n = gs.size(0), D = gs.size(1);
   if (n == 0) return;
   for (const Tensor* t : {&gs, &out}) {
@@ -150,11 +173,11 @@ void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, co
       if (one_dtype) {
         project_rows_vec_kernel<g_t, g_t, kV><<<grid, kWRows * 32, 0, stream>>>(
             gs.const_data_ptr<g_t>(), w.const_data_ptr<g_t>(), winv.const_data_ptr<float>(),
-            out.mutable_data_ptr<g_t>(), n, D);
+            out.mutable_data_ptr<g_t>(), n, D, scale_rows);
       } else {
         project_rows_vec_kernel<g_t, float, kV><<<grid, kWRows * 32, 0, stream>>>(
             gs.const_data_ptr<g_t>(), w.const_data_ptr<float>(), winv.const_data_ptr<float>(),
-            out.mutable_data_ptr<float>(), n, D);
+            out.mutable_data_ptr<float>(), n, D, scale_rows);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -163,7 +186,7 @@ void project_rows_cuda(const Tensor& gs, const Tensor& w, const Tensor& winv, co
   EK_DISPATCH_CUDA_TYPES(w.scalar_type(), "expface_project_rows_cuda", [&] {
     project_rows_kernel<scalar_t><<<grid, kWRows * 32, 0, stream>>>(
         gs.const_data_ptr(), float_tag(gs.scalar_type()), w.const_data_ptr<scalar_t>(), winv.const_data_ptr<float>(),
-        out.mutable_data_ptr(), float_tag(out.scalar_type()), n, D);
+        out.mutable_data_ptr(), float_tag(out.scalar_type()), n, D, scale_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -14,6 +14,8 @@ void grads_block_cuda(const at::Tensor& L, const at::Tensor& winv, const at::Ten
 void fused_rows_cuda(const at::Tensor& L, const at::Tensor& winv, const at::Tensor& target_logit,
                      const at::Tensor& target_factor, const at::Tensor& labels, const at::Tensor& grad_row, double s,
                      const at::Tensor& lse, const at::Tensor& row_scale, const at::Tensor& tgrad);
-void project_rows_cuda(const at::Tensor& gs, const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out);
+void normalize_rows_cuda(const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out);
+void project_rows_cuda(const at::Tensor& gs, const at::Tensor& w, const at::Tensor& winv, const at::Tensor& out,
+                       bool scale_rows);
 
 }  // namespace ek

@@ -19,8 +19,8 @@ inline c10::Device cuda_device(const Tensor& x_hat, const Tensor& w) {
   return x_hat.is_cuda() ? x_hat.device() : w.is_cuda() ? w.device() : c10::Device(c10::kCUDA, 0);
 }
 
-const EpilogueOps kCudaOps{row_inv_norm_cuda, lse_block_cuda,    grads_block_cuda,
-                           fused_rows_cuda,   project_rows_cuda, "CUDA"};
+const EpilogueOps kCudaOps{row_inv_norm_cuda, lse_block_cuda,    grads_block_cuda,   fused_rows_cuda,
+                           project_rows_cuda, normalize_rows_cuda, "CUDA"};
 
 std::tuple<Tensor, Tensor, Tensor> lse_partials_cuda(const Tensor& x_hat, const Tensor& w, const Tensor& target_logit,
                                                      const Tensor& labels, double s, int64_t offset,

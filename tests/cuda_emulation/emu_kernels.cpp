@@ -87,7 +87,7 @@ void row_inv_norm(Tensor w, Tensor winv) {
 
 // vec: the 16-byte kernel (gs, w, out of one dtype, or 16-bit gs with float w and out);
 // else the dtype-tagged one.
-void project_rows(Tensor gs, Tensor w, Tensor winv, Tensor out, bool vec) {
+void project_rows(Tensor gs, Tensor w, Tensor winv, Tensor out, bool vec, bool scale_rows) {
   const int64_t n = gs.size(0), D = gs.size(1);
   const unsigned int grid = blocks(n, ek::kWRows);
   if (!vec) {
@@ -95,7 +95,8 @@ void project_rows(Tensor gs, Tensor w, Tensor winv, Tensor out, bool vec) {
       using w_t = decltype(tag);
       cuda_emu::launch(grid, ek::kWRows * 32, [&] {
         ek::project_rows_kernel<w_t>(gs.data_ptr(), ek::float_tag(gs.scalar_type()), w.data_ptr<w_t>(),
-                                     winv.data_ptr<float>(), out.data_ptr(), ek::float_tag(out.scalar_type()), n, D);
+                                     winv.data_ptr<float>(), out.data_ptr(), ek::float_tag(out.scalar_type()), n, D,
+                                     scale_rows);
       });
     });
     return;
@@ -106,14 +107,30 @@ void project_rows(Tensor gs, Tensor w, Tensor winv, Tensor out, bool vec) {
     if (w.scalar_type() == gs.scalar_type()) {
       cuda_emu::launch(grid, ek::kWRows * 32, [&] {
         ek::project_rows_vec_kernel<g_t, g_t, kV>(gs.data_ptr<g_t>(), w.data_ptr<g_t>(), winv.data_ptr<float>(),
-                                                  out.data_ptr<g_t>(), n, D);
+                                                  out.data_ptr<g_t>(), n, D, scale_rows);
       });
     } else {
       cuda_emu::launch(grid, ek::kWRows * 32, [&] {
         ek::project_rows_vec_kernel<g_t, float, kV>(gs.data_ptr<g_t>(), w.data_ptr<float>(), winv.data_ptr<float>(),
-                                                    out.data_ptr<float>(), n, D);
+                                                    out.data_ptr<float>(), n, D, scale_rows);
       });
     }
+  });
+}
+
+void normalize_rows(Tensor w, Tensor winv, Tensor out, bool vec) {
+  const int64_t n = w.size(0), D = w.size(1);
+  with_dtype(w.scalar_type(), [&](auto tag) {
+    using w_t = decltype(tag);
+    cuda_emu::launch(blocks(n, ek::kWRows), ek::kWRows * 32, [&] {
+      if (vec) {
+        ek::normalize_rows_kernel<w_t, at::Half, 8>(w.data_ptr<w_t>(), winv.data_ptr<float>(), out.data_ptr<at::Half>(),
+                                                    n, D);
+      } else {
+        ek::normalize_rows_kernel<w_t, at::Half, 1>(w.data_ptr<w_t>(), winv.data_ptr<float>(), out.data_ptr<at::Half>(),
+                                                    n, D);
+      }
+    });
   });
 }
 
@@ -179,6 +196,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_rows", &fused_rows);
   m.def("row_inv_norm", &row_inv_norm);
   m.def("project_rows", &project_rows);
+  m.def("normalize_rows", &normalize_rows);
   m.def("prologue", &prologue);
   m.def("margin_terms", &margin_terms);
   m.def("normalize_backward", &normalize_backward);
