@@ -2,9 +2,11 @@
 
     python bench/gpu_profile.py [--B 512] [--c-exp 20] [--D 512] [--out bench/out]
                                 [--parts split variants capacity] [--budget-s 200]
+                                [--dtype bf16|fp16-fp32]
 
 Three parts, each printed as a small Markdown table and appended to
-``${out}/gpu_profile.md`` (CSV rows in ``${out}/gpu_profile.csv``), bf16 x and W:
+``${out}/gpu_profile.md`` (CSV rows in ``${out}/gpu_profile.csv``), bf16 x and W, or
+with ``--dtype fp16-fp32`` fp16 x and an fp32 W (the common face-recognition case):
 
 split     forward and backward of one training step timed apart (CUDA events), for the
           ``triton`` and ``extension`` backends (and the extension with the per-row work as
@@ -50,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="no new measurement starts after this many seconds")
     p.add_argument("--s", type=float, default=64.0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16-fp32"],
+                   help="x / W dtypes: bf16 both, or fp16 x with an fp32 W")
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "out")))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     return p.parse_args(argv)
@@ -63,8 +67,7 @@ def describe(cfg) -> str:
     """A launch config in one short line (configs.ForwardConfig / GradsConfig)."""
     if hasattr(cfg, "tile"):
         return (f"tile {_tile(cfg.tile)}, {cfg.target_programs} programs, norms "
-                f"{'in loop' if cfg.norms_in_loop else 'separate pass'}"
-                + (", warp-specialized (TMA)" if cfg.warp_specialize else ""))
+                f"{'in loop' if cfg.norms_in_loop else 'separate pass'}")
     knobs = ("" if cfg.scale_g else ", G unscaled (dX scales W in registers)") + \
         (f", persistent G ({cfg.g_programs} programs)" if cfg.g_programs else "")
     return (f"G {_tile(cfg.g_tile)}, dW {_tile(cfg.dw_tile)}, dX {_tile(cfg.dx_tile)}, "
@@ -84,14 +87,16 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
     sys.path.insert(0, os.path.dirname(HERE))  # bench.*, also when run as bench/gpu_profile.py
     from bench.memory import cuda_peak_extra_of
     from bench.timing import device_ms
-    from expface_kernels.triton_kernels import configs, grads_backward, lse_forward
+    from expface_kernels.triton_kernels import common, configs, grads_backward, lse_forward
 
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
         print("gpu_profile.py: no CUDA device -- nothing to measure")
         return 0
     dev = torch.device(args.device)
-    dt = torch.bfloat16 if on_gpu else torch.float32  # the interpreter has no bf16
+    # x's dtype (also the cuBLAS rows') and W's; the interpreter has no 16-bit dots
+    dt, w_dt = {"bf16": (torch.bfloat16, torch.bfloat16),
+                "fp16-fp32": (torch.float16, torch.float32)}[args.dtype] if on_gpu else (torch.float32,) * 2
     B, D, C = args.B, args.D, 1 << args.c_exp
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -99,7 +104,8 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
     csv_rows = []
     name = torch.cuda.get_device_name(dev) if on_gpu else "CPU smoke run (not a benchmark)"
     header = (f"## gpu_profile: {name}, torch {torch.__version__}, triton {triton.__version__}, "
-              f"B={B}, C=2^{args.c_exp}, D={D}, {str(dt).replace('torch.', '')}\n")
+              f"B={B}, C=2^{args.c_exp}, D={D}, x {str(dt).replace('torch.', '')}, "
+              f"W {str(w_dt).replace('torch.', '')}\n")
 
     def emit(text: str) -> None:
         print(text, flush=True)
@@ -108,7 +114,7 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
 
     def record(part, what, metric, value):
         csv_rows.append(dict(part=part, what=what, metric=metric, value=value, device=name,
-                             B=B, C=C, D=D, dtype=str(dt)))
+                             B=B, C=C, D=D, dtype=str(dt), w_dtype=str(w_dt)))
         with open(os.path.join(args.out, "gpu_profile.csv"), "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
             wr.writeheader()
@@ -144,7 +150,7 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
 
     def inputs(c):
         x = torch.randn(B, D, device=dev, generator=g).to(dt).requires_grad_()
-        w = torch.empty(c, D, device=dev, dtype=dt).normal_(0, 0.01, generator=g).requires_grad_()
+        w = torch.empty(c, D, device=dev, dtype=w_dt).normal_(0, 0.01, generator=g).requires_grad_()
         y = torch.randint(0, c, (B,), device=dev, generator=g)
         return x, w, y
 
@@ -206,21 +212,37 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
         # The extension's GEMMs per class chunk, times C / chunk, against one full-size
         # GEMM: what chunking costs cuBLAS (B x chunk logits; grad_x with K = chunk;
         # grad_W with K = B).
-        emit("\n| cuBLAS GEMM (bf16) | chunk 8192 | chunk 32768 | full C |")
+        # With an fp32 W the extension casts each chunk of W to fp16 and writes grad_W's
+        # product in fp32 (mm's out_dtype, where torch has it): those rows too.
+        low_name = str(dt).replace("torch.", "")
+        emit(f"\n| cuBLAS GEMM ({low_name}) | chunk 8192 | chunk 32768 | full C |")
         emit("|---|---|---|---|")
         with torch.no_grad():
             xa = x.detach()
-            full = gpu_ms(lambda: torch.mm(xa, w.detach().t()))
+            w_low = w.detach().to(dt)
+            full = gpu_ms(lambda: torch.mm(xa, w_low.t()))
             per = {}
+            mixed = w_dt != dt and on_gpu
             for ch in (8192, 32768):
                 ch = min(ch, C)
-                wc = w.detach()[:ch]
+                wc = w_low[:ch]
                 lc = torch.randn(B, ch, device=dev, generator=g).to(dt)
                 per[ch] = [gpu_ms(lambda: torch.mm(xa, wc.t())) * C / ch,
                            gpu_ms(lambda: torch.mm(lc, wc)) * C / ch,
                            gpu_ms(lambda: torch.mm(lc.t(), xa)) * C / ch]
+                if mixed:
+                    w32 = w.detach()[:ch]
+                    gw32 = torch.empty(ch, D, device=dev)
+                    per[ch] += [gpu_ms(lambda: w32.to(dt)) * C / ch]
+                    try:
+                        per[ch] += [gpu_ms(lambda: torch.mm(lc.t(), xa, out_dtype=torch.float32, out=gw32)) * C / ch]
+                    except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype_out
+                        per[ch] += [float("nan")]
+                    del w32, gw32
                 del lc
             names = ("logits x W^T", "grad_x (K = chunk)", "grad_W (K = B)")
+            if mixed:
+                names += (f"W chunk fp32 -> {low_name} (cast)", "grad_W (K = B), fp32 out (mm out_dtype)")
             for k, nm in enumerate(names):
                 vals = [per[ch][k] for ch in sorted(per)]
                 emit(f"| {nm} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {full:.3f} |")
@@ -252,6 +274,8 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
             xh = torch.nn.functional.normalize(x.float(), dim=1).to(dt)
             wd = w.detach()
             tl_ = torch.randn(B, device=dev, generator=g) * 10
+        dd = common.dot_dtype(xh.dtype, wd.dtype)
+        lb = max(xh.element_size(), wd.element_size())
         # The reference of every variant: the pure-PyTorch chunked primitives (fp32 math)
         # on the same inputs -- a fast config that computes the wrong numbers must show.
         from expface_kernels import chunked
@@ -274,19 +298,15 @@ def main(argv=None) -> int:  # noqa: C901 (three small parts sharing the set-up)
              "err = max relative error against the chunked backend's primitives)\n")
         emit("| primitive | config | GPU ms | host ms | extra MiB | err |")
         emit("|---|---|---|---|---|---|")
-        fwd_c = configs.forward_candidates(dev, B, C, D, dt, xh.element_size())
-        base_g = configs.grads_config(dev, B, C, D, dt, xh.element_size())
-        grd_c = configs.grads_candidates(dev, B, C, D, dt, xh.element_size())
+        fwd_c = configs.forward_candidates(dev, B, C, D, dd, lb)
+        base_g = configs.grads_config(dev, B, C, D, dd, lb)
+        grd_c = configs.grads_candidates(dev, B, C, D, dd, lb)
         for mb in (8, 64):
             cand = configs.GradsConfig(**{**base_g.__dict__, "chunk_bytes": mb << 20})
             if cand not in grd_c:
                 grd_c.append(cand)
-        # The warp-specialized forwards last: they had never run on a GPU when added, and a
-        # device fault there would turn every later row into an error.
-        fwd_i = list(enumerate(fwd_c))
-        todo = [("lse_partials", i, c) for i, c in fwd_i if not c.warp_specialize] + \
-               [("grads", i, c) for i, c in enumerate(grd_c)] + \
-               [("lse_partials", i, c) for i, c in fwd_i if c.warp_specialize]
+        todo = [("lse_partials", i, c) for i, c in enumerate(fwd_c)] + \
+               [("grads", i, c) for i, c in enumerate(grd_c)]
         for prim, i, cfg in todo:
             if out_of_time():
                 emit(f"| {prim} | #{i} | (skipped: time budget) | | |")
