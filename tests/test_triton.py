@@ -180,60 +180,6 @@ def test_forward_with_norms_from_a_separate_pass():
     check_primitives(a, fwd_config=fwd)
 
 
-def _ws_config(programs=4):
-    """The warp-specialized forward on interpreter tiles (16 rows x 32 classes x 16)."""
-    configs, _, _, _ = _tk()
-    return configs.ForwardConfig(configs.GemmTile(16, 32, 16, 4, 1), target_programs=programs,
-                                 norms_in_loop=False, warp_specialize=True)
-
-
-@pytest.mark.parametrize("b,c,d,offset,labels", [
-    (20, 130, 36, 0, "spread"),        # ragged last class tile, 2 splits
-    (37, 257, 40, 5, "spread"),        # 3 row tiles, targets in other blocks too
-    (1, 1, 4, 0, "spread"),            # one class, one row
-    (20, 130, 36, 0, "clustered"),     # many rows sharing target tiles, the last one included
-    (33, 96, 12, 0, "last_tile"),      # C a multiple of BLOCK_N, every target in the last tile
-])
-def test_warp_specialized_forward_matches_contract(b, c, d, offset, labels):
-    """lse_forward_ws: every row skips the tile of its target in the main kernel and gets
-    it from _lse_target_tile_kernel; the merge must give the contract's (max, sum-exp)
-    whatever the labels' spread (rows sharing a tile, targets in the ragged last tile,
-    ignored rows, targets in other blocks)."""
-    from expface_kernels.triton_kernels import lse_forward_ws
-    a = primitive_inputs(b, c, d, offset, seed=b * 7 + c)
-    if labels == "clustered":
-        a["labels"][1:8] = offset + c - 1       # the ragged last tile
-        a["labels"][8:14] = offset              # column 0
-        a["labels"][14:] = offset + 40          # one interior tile
-    elif labels == "last_tile":
-        a["labels"][1:] = offset + c - 1 - torch.arange(b - 1, device=DEV) % 32
-    assert lse_forward_ws.unsupported_reason(a["x_hat"], a["w"]) is None  # the WS kernel runs
-    check_primitives(a, fwd_config=_ws_config())
-
-
-def test_warp_specialized_forward_large_scale_skipped_rows_stay_finite():
-    """s = 100 and a row whose first tile is its target tile: the main kernel's skipped
-    rows must not form inf - inf (NaN) in the running (max, sum)."""
-    a = primitive_inputs(17, 130, 36, 0, seed=3, s=100.0)
-    a["labels"][1:] = torch.arange(16, device=DEV) % 4  # every target in tile 0 (split 0's first)
-    a["target_logit"][1:] = 100.0
-    check_primitives(a, fwd_config=_ws_config(programs=5))
-
-
-def test_warp_specialized_forward_needs_aligned_rows_and_the_norm_pass():
-    """Rows that are not 16-byte aligned (D = 33 fp32) run the default kernel, with the
-    reason named; a config asking for the in-loop norms with it is refused."""
-    configs, _, _, _ = _tk()
-    from expface_kernels.triton_kernels import lse_forward_ws
-    a = primitive_inputs(17, 130, 33, 0, seed=5)
-    why = lse_forward_ws.unsupported_reason(a["x_hat"], a["w"])
-    assert why and "16-byte" in why and "132" in why
-    check_primitives(a, fwd_config=_ws_config())
-    assert "dtype" in lse_forward_ws.unsupported_reason(a["x_hat"], a["w"].double())
-    with pytest.raises(ValueError, match="norms_in_loop=False"):
-        configs.ForwardConfig(configs.GemmTile(16, 32, 16, 4, 1), 4, norms_in_loop=True, warp_specialize=True)
-
-
 def test_int32_labels_and_block_without_targets():
     a = primitive_inputs(17, 37, 7, offset=0, seed=4)
     a["labels"] = a["labels"].to(torch.int32)
@@ -369,24 +315,18 @@ def test_no_autotune_candidate_races_on_hopper():
     """Every Hopper launch config the autotuner may pick (bf16, fp16, tf32 fp32): no
     shared-memory ring a wgmma reads is shallower than the stages (compile_check), no
     candidate spills registers (a spilling candidate cannot win; timing it only spends
-    the GPU check's minutes), and the 16-bit ones include the warp-specialized forward,
-    whose tile loop Triton really split into producer and consumers (it falls back to
-    an unspecialized loop without an error when it cannot, lse_forward_ws)."""
+    the GPU check's minutes)."""
     code = ("import json, os\n"
             "from expface_kernels.triton_kernels.compile_check import check\n"
             "rows = check(90, 'bf16', 1024, 1 << 20, 512, True) + check(90, 'fp16', 512, 1 << 20, 512, True)\n"
             "os.environ['EXPFACE_CHECK_PRECISION'] = 'tf32'\n"
             "rows += check(90, 'fp32', 512, 1 << 20, 512, True)\n"
             "print('RESULT' + json.dumps([[r['kernel'], r['dtypes'], r['tile'], r['warps'], r['stages'],\n"
-            "                              r['warp_specialized'], r['ring'], r['spill_bytes'],\n"
-            "                              r['ring_hazard']] for r in rows]))\n")
+            "                              r['ring'], r['spill_bytes'], r['ring_hazard']] for r in rows]))\n")
     rows = _compile_for_cuda(["-c", code])
     assert len(rows) >= 10
     assert not [r for r in rows if r[-1]], rows
     assert not [r for r in rows if r[-2] != 0], rows
-    ws = [r for r in rows if r[0] == "lse_partials/ws"]
-    assert sorted({r[1] for r in ws}) == ["bf16", "fp16"], rows
-    assert all(r[5] for r in ws) and not [r for r in rows if r[5] and r not in ws], rows
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA run compiles these kernels for its own GPU anyway")
@@ -418,19 +358,16 @@ def test_compile_check_reads_ptxas_performance_advisories():
 def test_compile_check_verdict():
     """The check's verdict per kernel: '' for a clean one, else the most specific reason."""
     from expface_kernels.triton_kernels import compile_check as cc
-    clean = dict(ring_hazard=False, wants_warp_specialization=False, warp_specialized=False,
-                 ptxas_advisories=[], spill_bytes=0, shared=100_000, smem_limit=232_448,
-                 async_copies=4)
+    clean = dict(ring_hazard=False, ptxas_advisories=[], spill_bytes=0, shared=100_000,
+                 smem_limit=232_448, async_copies=4)
     assert cc.check_failure(clean) == ""
     for change, want in [
         (dict(spill_bytes=224), "check"), (dict(spill_bytes=-1), "check"),
         (dict(shared=232_449), "check"), (dict(async_copies=0), "check"),
-        (dict(wants_warp_specialization=True), "loop not warp-specialized"),
         (dict(ptxas_advisories=[("C7515", "wgmma serialized")]), "ptxas C7515: wgmma serialized"),
         (dict(ring_hazard=True, spill_bytes=8), "ring shallower than the stages with a wgmma in flight"),
     ]:
         assert cc.check_failure({**clean, **change}) == want, change
-    assert cc.check_failure({**clean, "wants_warp_specialization": True, "warp_specialized": True}) == ""
 
 
 def test_compile_check_counts_loop_issue_and_occupancy():
@@ -822,41 +759,3 @@ def test_gpu_int64_offsets_beyond_2_31():
     assert max_rel_err(gw[-4096:], rgw[-4096:]) < 2e-2
     del w, gw, rgw
     torch.cuda.empty_cache()
-
-
-@needs_cuda
-@pytest.mark.parametrize("block_n", [128, 256])
-def test_gpu_warp_specialized_forward(block_n):
-    """The warp-specialized forward (the autotune candidates of lse_forward_ws) on a Hopper
-    GPU: within the default kernel's error of the float64 contract, bit-identical over
-    repeats (a producer / consumer race would show here first), with rows sharing target
-    tiles and targets in the ragged last tile. Last in this file: these kernels have not
-    run on a GPU before, and a device fault would end every CUDA test after it."""
-    configs, lse_forward, _, _ = _tk()
-    from expface_kernels.triton_kernels import lse_forward_ws
-    if configs.device_kind(torch.device("cuda"))[0] != "hopper":
-        pytest.skip("the warp-specialized forward is built for Hopper")
-    b, c, d = 512, (1 << 17) + 37, 512
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x_hat = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).bfloat16()
-    w = (torch.randn(c, d, device="cuda", generator=g) * 0.01).bfloat16()
-    labels = torch.randint(0, c, (b,), device="cuda", generator=g)
-    labels[:64] = c - 1 - torch.arange(64, device="cuda") % 37   # the ragged last tile
-    labels[64:128] = 5                                          # one shared tile
-    labels[128] = -1
-    tlogit = torch.randn(b, device="cuda", generator=g) * 10
-    assert lse_forward_ws.unsupported_reason(x_hat, w) is None
-    base = configs.forward_config(x_hat.device, b, c, d, torch.bfloat16, 2)
-    cfg = configs.ForwardConfig(configs.GemmTile(128, block_n, 64, 4, 3), base.target_programs,
-                                norms_in_loop=False, warp_specialize=True)
-    got = lse_forward.lse_partials(x_hat, w, tlogit, labels, 64.0, 0, config=cfg)
-    for _ in range(3):
-        again = lse_forward.lse_partials(x_hat, w, tlogit, labels, 64.0, 0, config=cfg)
-        for a, b_ in zip(got, again):
-            assert torch.equal(a, b_)
-    ref = lse_forward.lse_partials(x_hat, w, tlogit, labels, 64.0, 0)
-    rm, rse, _ = contract_lse_partials(x_hat, w, tlogit, labels, 64.0, 0)
-    want = (rm + rse.log()).cpu()
-    err = max_rel_err((got[0] + got[1].log()).cpu(), want)
-    err_default = max_rel_err((ref[0] + ref[1].log()).cpu(), want)
-    assert err <= max(2 * err_default, 1e-6), (err, err_default)

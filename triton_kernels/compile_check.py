@@ -9,9 +9,7 @@ dtype, for the target sm_XX, and the ptxas bundled with Triton reports registers
 spills. Printed per kernel: shared memory per program (limit: 227 KB sm_90, 163 KB
 sm_80, 99 KB sm_86), registers per thread (255 max), spill bytes (want 0), and the count
 of cp.async / TMA copies in the TTGIR (0 means the GEMM loads were not software-
-pipelined). A warp-specialized kernel shows its warps as "producer+consumers" (4+8);
-one whose loop Triton left unspecialized fails the check. So does a ptxas performance
-advisory: (C7515) "wgmma.mma_async instructions are serialized" means each wgmma of the
+pipelined). A ptxas performance advisory fails the check: (C7515) "wgmma.mma_async instructions are serialized" means each wgmma of the
 kernel waits for the one before (triton_kernels/README.md "Tried": a fused G/dW kernel).
 
 Alignment: the launch specialises 16-byte-aligned pointers and integers divisible by 16
@@ -56,12 +54,9 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
                        options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
     ttgir = k.asm["ttgir"]
-    # Pipelined GEMM loads: cp.async copies, or TMA copies (the warp-specialized forward).
+    # Pipelined GEMM loads: cp.async copies (or TMA copies, should a kernel use them).
     out = {"shared": k.metadata.shared,
            "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
-           # Triton's Hopper pass leaves a loop unspecialized without an error when it cannot
-           # split it (lse_forward_ws's docstring): the TTGIR then has no warp_specialize op.
-           "warp_specialized": "ttg.warp_specialize(" in ttgir,
            "launch_warps": k.metadata.num_warps}
     out.update(ring_hazard(ttgir, tile.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -79,10 +74,7 @@ def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
     out["spill_bytes"] = int(spills[0]) if spills else -1
     warps = out["launch_warps"]
     out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared"], warps, cap)
-    # Warp-specialized: the MMA loop runs in the consumer warpgroups (all warps but the
-    # producer's tile.num_warps).
-    mma_warps = warps - tile.num_warps if out["warp_specialized"] else warps
-    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), mma_warps, cap)
+    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), warps, cap)
     return out
 
 
@@ -209,7 +201,7 @@ def _merged_tile(a, b):
 def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False) -> list[dict]:
     """Compile the kernels for (sm_cap, dtype pair, shape) with configs.py's choices (and,
     with ``candidates``, every autotune candidate; each distinct kernel once)."""
-    from . import configs, grads_backward as gb, lse_forward as lf, lse_forward_ws as lfw
+    from . import configs, grads_backward as gb, lse_forward as lf
     from .common import dot_dtype, dot_kind
 
     kind, sms, l2, smem_limit = _KINDS[cap]
@@ -239,7 +231,6 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         x_ptr=X, w_ptr=W, tlogit_ptr=f32p, labels_ptr="*i64", pmax_ptr=f32p, psum_ptr=f32p,
         winv_ptr=f32p, B=i32, C=i32, D=i32, offset=i32, s="fp32", stride_xb=i32, stride_wc=i32,
         tiles_per_split=i32, num_row_tiles=i32)
-    ws_sig = {k: v for k, v in lse_sig.items() if k != "tlogit_ptr"}  # the same, no target logits
     grad_logits_sig = dict(
         x_ptr=X, w_ptr=W, winv_ptr=f32p, tcol_ptr="*i32", lse2_ptr=f32p, tgrad_ptr=f32p,
         gs_ptr=f32p, g_ptr=G, rpart_ptr=f32p, B=i32, D=i32, c0=i32, cn=i32,
@@ -253,10 +244,6 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     jobs = []
     for fwd in fwds:
         t = fwd.tile
-        if fwd.warp_specialize:
-            jobs.append(("lse_partials/ws", lfw._lse_partials_ws_kernel, t, ws_sig,
-                         dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, FAST_EXP2=True), ""))
-            continue
         jobs.append(("lse_partials" + ("" if fwd.norms_in_loop else "/norm pass"), lf._lse_partials_kernel,
                      t, lse_sig, dict(BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
                                       NORMS_IN_LOOP=fwd.norms_in_loop, FAST_EXP2=True,
@@ -290,8 +277,7 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         r = compile_one(fn, sig, const, cap, tile)
         shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}" + extra
         r.update(kernel=name, arch=f"sm_{cap}", dtypes=pair, tile=shown,
-                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks,
-                 wants_warp_specialization=name.endswith("/ws"))
+                 warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks)
         rows.append(r)
     return rows
 
@@ -304,11 +290,9 @@ def _loops(loops: list[dict]) -> str:
 def check_failure(r: dict) -> str:
     """Why one compiled kernel (a :func:`check` row) fails, the most specific reason
     first; '' when it passes: no spill, shared memory within the limit, pipelined loads,
-    no ring hazard, warp-specialized where it asks to be, no ptxas advisory."""
+    no ring hazard, no ptxas advisory."""
     if r["ring_hazard"]:
         return "ring shallower than the stages with a wgmma in flight"
-    if r["wants_warp_specialization"] and not r["warp_specialized"]:
-        return "loop not warp-specialized"
     if r["ptxas_advisories"]:
         return "ptxas " + "; ".join(f"{code}: {msg}" for code, msg in r["ptxas_advisories"])
     if r["spill_bytes"] != 0 or r["shared"] > r["smem_limit"] or r["async_copies"] <= 0:
@@ -338,8 +322,7 @@ def main(argv=None) -> int:
                 failure = check_failure(r)
                 bad += bool(failure)
                 why = f"  <-- {failure}" if failure else ""
-                warps = f"{r['warps']}+{r['launch_warps'] - r['warps']}" if r["warp_specialized"] else r["warps"]
-                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {warps}  "
+                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
                       f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
                       f"{r['async_copies']:5d} {r['ring']:4d} {r['ctas_per_sm']:6d}  {_loops(r['mma_loops'])}{why}",
                       flush=True)

@@ -66,22 +66,11 @@ class ForwardConfig:
     equivalent pass took 0.28 ms at C = 2^20, D = 512 bf16 on an H200 -- and a K loop
     that is a plain GEMM; on Hopper the in-loop form races, see forward_config).
 
-    ``warp_specialize``: run lse_forward_ws's kernel (TMA producer + two consumer
-    warpgroups; Hopper, 16-bit operands, 16-byte aligned rows -- other inputs take the
-    default kernel). It reads W's norms from the separate pass, so it needs
-    ``norms_in_loop=False``. ``tile.num_warps`` is then one warpgroup's: the launch
-    has three (producer + 2 consumers).
     """
 
     tile: GemmTile
     target_programs: int
     norms_in_loop: bool = True
-    warp_specialize: bool = False
-
-    def __post_init__(self):
-        if self.warp_specialize and self.norms_in_loop:
-            raise ValueError("ForwardConfig: warp_specialize reads W's norms from the separate pass; "
-                             "set norms_in_loop=False")
 
 
 @dataclass(frozen=True)
@@ -242,6 +231,12 @@ def grads_config(device: torch.device, B: int, C: int, D: int,
     # forward: 225 registers at 128x128 on sm_90 in compile_check; the 2.24 ms it took
     # per step on an H200 were measured with 128 classes).
     g = GemmTile(min(fwd.BLOCK_N, 128), fwd.BLOCK_M, fwd.BLOCK_K, fwd.num_warps, fwd.num_stages)
+    if kind == "hopper" and half and g.num_stages == 3:
+        # 4 stages (128 KB of shared memory at 128x128x64): the backward 5.37 / 5.43 ms
+        # against 5.49 / 5.56 ms with the forward's 3, in two runs on fresh H200
+        # machines (B = 512, C = 2^20, D = 512, bf16, gpu_profile --parts variants,
+        # 2026-12-04); the same config's two runs differed by 0.06-0.07 ms.
+        g = GemmTile(g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, 4)
     if kind in ("hopper", "blackwell", "ampere"):
         # dW: (classes x features) output, K = B (~512-1024): a plain GEMM, 128x128 with K
         # step 64 (half on Hopper: 3 stages x 32 KB) / 32 (tf32, Ampere: 4 stages x 16 KB);
@@ -323,14 +318,9 @@ def forward_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: 
         if cand not in out:
             out.append(cand)
     out.append(ForwardConfig(t, base.target_programs * 2, norms_in_loop=base.norms_in_loop))
-    if device_kind(device)[0] == "hopper" and t.BLOCK_M == 128 and max(_elem(dot_dtype), load_bytes) == 2:
-        # The warp-specialized forward (lse_forward_ws; x and W of one 16-bit dtype): one
-        # warpgroup of TMA loads and two consumer warpgroups of 64 rows each (232
-        # registers requested each, no spill; 99 / 150 KB of shared memory at 128 / 256
-        # classes, 3 stages; compile_check, sm_90, Triton 3.6 and 3.8). Not timed yet.
-        for bn in (128, 256):
-            out.append(ForwardConfig(GemmTile(128, bn, 64, 4, 3), base.target_programs,
-                                     norms_in_loop=False, warp_specialize=True))
+    # (A warp-specialized TMA forward was a Hopper candidate until 2026-12-04: wrong on
+    # an H200 -- lse error 0.37-0.41, results differing between identical calls, Triton
+    # 3.6 -- for 1.25-1.45 ms against the default's 1.41; removed, see bench/RESULTS.md.)
     return out
 
 
@@ -351,7 +341,9 @@ def grads_candidates(device: torch.device, B: int, C: int, D: int, dot_dtype: to
         dict(scale_g=not base.scale_g),  # the other dX operand path (register-scaled W)
         dict(chunk_bytes=base.chunk_bytes * 2),
         dict(chunk_bytes=max(1 << 20, base.chunk_bytes // 2)),
-        dict(g_tile=GemmTile(g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages + 1)),
+        # one stage more, or (Hopper 16-bit, 4 by default) the 3 it had before
+        dict(g_tile=GemmTile(g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps,
+                             g.num_stages + 1 if g.num_stages < 4 else 3)),
         {"g_tile": two["g_tile"]},
         {"dw_tile": two["dw_tile"], "dx_tile": two["dx_tile"]},
         two,

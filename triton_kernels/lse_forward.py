@@ -33,10 +33,6 @@ picks the separate pass there (its comment and compile_check.ring_hazard have th
 numbers).
 
 All offsets are int64 (C_local * D and B * C_local may pass 2^31).
-
-``ForwardConfig.warp_specialize`` runs lse_forward_ws's kernel instead (TMA loads in a
-producer warpgroup; Hopper, opt-in), which leaves each row's target tile to a small
-second kernel: its docstring has why.
 """
 
 from __future__ import annotations
@@ -46,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import autotune, configs, lse_forward_ws
+from . import autotune, configs
 from .common import (LN2, LOG2E, block_target_cols, cast_for_dot, check_vectors, dot_dtype, dot_kind,
                      exp2, fast_exp2, forward_program_rows, load_tile)
 
@@ -226,32 +222,24 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
             lambda cfg: lse_partials(x_hat, w, target_logit, labels, s, offset, config=cfg))
     cfg = config or configs.forward_config(dev, B, C, D, dd, lb)
     row_tiles, splits, per = split_plan(B, C, cfg)
-    # The warp-specialized form writes one more partial slot (the rows' target tiles);
-    # inputs it cannot take (lse_forward_ws.unsupported_reason) run the default kernel.
-    ws = cfg.warp_specialize and lse_forward_ws.unsupported_reason(x_hat, w) is None
-    slots = splits + 1 if ws else splits
-    pmax = torch.empty((slots, B), dtype=f32, device=dev)
-    psum = torch.empty((slots, B), dtype=f32, device=dev)
+    pmax = torch.empty((splits, B), dtype=f32, device=dev)
+    psum = torch.empty((splits, B), dtype=f32, device=dev)
     if not cfg.norms_in_loop:
         _row_inv_norm_kernel[(triton.cdiv(C, 32),)](w, w_inv, C, D, w.stride(0), BLOCK_C=32,
                                                     BLOCK_D=min(128, triton.next_power_of_2(D)),
                                                     num_warps=4)
-    if ws:
-        lse_forward_ws.launch(x_hat, w, target_logit, labels, s, offset, cfg, pmax, psum, w_inv,
-                              row_tiles, splits, per)
-    else:
-        _launch_default(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
-                        row_tiles, per)
-    if slots == 1:
+    _launch_partials(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
+                     row_tiles, per)
+    if splits == 1:
         return pmax.view(B), psum.view(B), w_inv
     fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
-    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, slots,
+    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, splits,
                                                  BLOCK=fin, num_warps=4)
     return row_max, row_sum, w_inv
 
 
-def _launch_default(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
-                    row_tiles, per) -> None:
+def _launch_partials(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
+                     row_tiles, per) -> None:
     """_lse_partials_kernel over (row tile, split) programs into pmax / psum."""
     B, D = x_hat.shape
     C = w.shape[0]
