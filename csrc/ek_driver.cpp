@@ -142,24 +142,28 @@ Tensor checked_labels(const Tensor& labels, int64_t upper /* exclusive */) {
 
 Tensor acc_vec(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
+// An ATen overload looked up by name, or nullopt where this torch lacks it (or gives it
+// another signature): the extension then still builds and runs, on a fallback.
+template <typename Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_aten_op(const char* name, const char* overload) {
+  try {
+    auto h = c10::Dispatcher::singleton().findSchema({name, overload});
+    if (h.has_value()) return h->typed<Fn>();
+  } catch (const c10::Error&) {
+    // a schema of another signature
+  }
+  return std::nullopt;
+}
+
 // a @ b with an fp32 result for 16-bit a, b (grad_x's per-chunk part, summed over all
-// chunks): cuBLAS accumulates in fp32 and, through aten::mm.dtype (CUDA; present in
-// torch 2.14), writes fp32 without rounding to 16 bits first. Looked up by name so that
-// the extension also builds and runs against a torch without it; elsewhere (CPU, or no
-// such overload) the product is rounded to a/b's dtype, then widened.
+// chunks): cuBLAS accumulates in fp32 and, through aten::mm.dtype (CUDA; in torch 2.11
+// and 2.14 -- the H200 profile of 2026-12-04 shows cuBLAS's fp16-in / fp32-out kernel),
+// writes fp32 without rounding to 16 bits first. Elsewhere (CPU, or no such overload)
+// the product is rounded to a/b's dtype, then widened.
 Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   if (a.scalar_type() == acc) return at::mm(a, b);
   if (a.is_cuda() && acc == at::kFloat) {
-    using Fn = Tensor(const Tensor&, const Tensor&, at::ScalarType);
-    static const std::optional<c10::TypedOperatorHandle<Fn>> op = []() -> std::optional<c10::TypedOperatorHandle<Fn>> {
-      try {
-        auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
-        if (h.has_value()) return h->typed<Fn>();
-      } catch (const c10::Error&) {
-        // a schema of another signature: use the fallback below
-      }
-      return std::nullopt;
-    }();
+    static const auto op = find_aten_op<Tensor(const Tensor&, const Tensor&, at::ScalarType)>("aten::mm", "dtype");
     if (op.has_value()) return op->call(a, b, acc);
   }
   return at::mm(a, b).to(acc);
@@ -170,15 +174,7 @@ Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
 void mm_acc_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   if (a.is_cuda() && out.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {
     using Fn = Tensor&(const Tensor&, const Tensor&, at::ScalarType, Tensor&);
-    static const std::optional<c10::TypedOperatorHandle<Fn>> op = []() -> std::optional<c10::TypedOperatorHandle<Fn>> {
-      try {
-        auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
-        if (h.has_value()) return h->typed<Fn>();
-      } catch (const c10::Error&) {
-        // a schema of another signature: use the fallback below
-      }
-      return std::nullopt;
-    }();
+    static const auto op = find_aten_op<Fn>("aten::mm", "dtype_out");
     if (op.has_value()) {
       Tensor o = out;
       op->call(a, b, at::kFloat, o);
