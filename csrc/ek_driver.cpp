@@ -343,8 +343,9 @@ std::tuple<Tensor, Tensor> grads_impl(const EpilogueOps& ops, const Tensor& x_ha
       // G carried no winv: (G^T x_hat)_j in fp32 straight into grad_w (an fp32 W: the
       // mixed fp16 x / fp32 W case), the projection scales the rows by winv_j in place.
       // Through an fp32 (chunk, D) temporary and a separate winv pass the step took
-      // 14.87 ms and 101 MiB against 9.81 ms / 77 MiB before unit rows (H200, B = 512,
-      // C = 2^20, D = 512, 2026-12-04 / 11-28).
+      // 14.87 ms and 101 MiB; this way (and with normalize_rows) 10.95 ms / 54 MiB,
+      // against 9.81 ms / 77 MiB with raw rows and an fp16 product (H200, B = 512,
+      // C = 2^20, D = 512, 2026-12-04 / 11-28; bench/RESULTS.md).
       mm_acc_out(gwc, L.t(), xc);
       ops.project_rows(gwc, w_raw, winv_c, gwc, /*scale_rows=*/true);
     } else if (op.unit_rows) {
