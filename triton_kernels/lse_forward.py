@@ -228,24 +228,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         _row_inv_norm_kernel[(triton.cdiv(C, 32),)](w, w_inv, C, D, w.stride(0), BLOCK_C=32,
                                                     BLOCK_D=min(128, triton.next_power_of_2(D)),
                                                     num_warps=4)
-    _launch_partials(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
-                     row_tiles, per)
-    if splits == 1:
-        return pmax.view(B), psum.view(B), w_inv
-    fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
-    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, splits,
-                                                 BLOCK=fin, num_warps=4)
-    return row_max, row_sum, w_inv
-
-
-def _launch_partials(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, psum, w_inv,
-                     row_tiles, per) -> None:
-    """_lse_partials_kernel over (row tile, split) programs into pmax / psum."""
-    B, D = x_hat.shape
-    C = w.shape[0]
-    dev = x_hat.device
     t = cfg.tile
-    splits = pmax.shape[0]
     _lse_partials_kernel[(row_tiles * splits,)](
         x_hat, w, target_logit, labels, pmax, psum, w_inv,
         B, C, D, int(offset), float(s),
@@ -256,3 +239,10 @@ def _launch_partials(x_hat, w, target_logit, labels, s, offset, cfg, dd, pmax, p
         NORMS_IN_LOOP=cfg.norms_in_loop, FAST_EXP2=fast_exp2(dev), EVEN_K=D % t.BLOCK_K == 0,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
+    if splits == 1:
+        return pmax.view(B), psum.view(B), w_inv
+    fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
+    _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, splits,
+                                                 BLOCK=fin, num_warps=4)
+    return row_max, row_sum, w_inv
+
