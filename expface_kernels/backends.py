@@ -69,10 +69,10 @@ BACKEND_NAMES = ("reference", "chunked", "triton", "extension")
 
 # Fastest first, per device type. Triton under the CPU interpreter is exact but orders
 # of magnitude slower than BLAS, so "auto" never picks it for CPU tensors. CUDA: the
-# extension first -- on an H200 (ExpFace, C=2^20, D=512, fwd+bwd; bench/RESULTS.md) it
-# took 9.1 ms against Triton's 9.9 at B=512 bf16 and 11.8 / 19.9 ms against 13.8 / 24.6
-# for fp16 x with an fp32 W at B=512 / 1024 (Triton 16.5 against 17.5 ms at B=1024
-# bf16), and its GPU tests all passed where one of Triton's low-precision tests failed.
+# extension first -- on an H200 (ExpFace, C=2^20, D=512, fwd+bwd, 2026-12-04;
+# bench/RESULTS.md) it took 12.2 ms against Triton's 13.4 at B=1024 bf16 and 11.0 / 15.4
+# ms against 13.4 / 23.6 for fp16 x with an fp32 W at B=512 / 1024; at B=512 bf16 the two
+# are within run-to-run spread (7.2-8.1 ms against 7.8-8.7 over three runs).
 _AUTO_ORDER = {
     "cuda": ("extension", "triton", "chunked"),
     "cpu": ("extension", "chunked"),
