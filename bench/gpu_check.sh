@@ -193,9 +193,9 @@ fi
 
 if want quickstart; then
   echo "== quickstart: python -m bench.run on CUDA, one small shape (t=$(elapsed)s)"
-  # The README's main job picks the GPU by default (the gpu preset); no GPU has run
-  # bench.run yet, so this checks its CUDA path (timing, in-process memory, table) at a
-  # toy shape: the numbers are not kept.
+  # The README's main job picks the GPU by default (the gpu preset); this checks its CUDA
+  # path (timing, in-process memory, table) at a toy shape, first run on an H200 on
+  # 2026-12-04 (rc 0): the numbers are not kept.
   timeout "$(box 90 0)" python -m bench.run --device cuda --C 16384 --B 64 --D 64 --rounds 2 \
     --no-plots --no-sweep --backends naive chunked triton extension --out "$LOG/quickstart" \
     > "$LOG/quickstart.log" 2>&1
