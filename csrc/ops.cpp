@@ -50,7 +50,14 @@ PyMethodDef kMethods[] = {
      "True if this build of expface_kernels._C contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+// TORCH_EXTENSION_NAME: "_C" from setup.py, "expface_kernels_C" from the first-use build
+// (expface_kernels/extension_build.py); Python looks for PyInit_<that name>.
+#define EK_STR2(x) #x
+#define EK_STR(x) EK_STR2(x)
+#define EK_CAT2(a, b) a##b
+#define EK_CAT(a, b) EK_CAT2(a, b)
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, EK_STR(TORCH_EXTENSION_NAME),
                        "expface_kernels C++/CUDA extension: registers the torch.ops.expface_kernels ops.", -1,
                        kMethods};
 
@@ -58,4 +65,4 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
 
 // Importing the module loads the shared object, which runs the TORCH_LIBRARY
 // static registrations above (and the CPU / CUDA ones in the other objects).
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC EK_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&kModule); }

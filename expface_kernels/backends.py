@@ -184,7 +184,11 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, st
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {n: "no CUDA device is available" for n in BACKEND_NAMES}
-    probe = torch.empty(1, 1, device=device)
+    # a fake tensor: the reasons read only the device and the dtype, and the query
+    # allocates nothing on the device
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        probe = torch.empty(1, 1, device=device)
     out = {}
     for n in BACKEND_NAMES:
         r = _reasons(n, probe, probe)

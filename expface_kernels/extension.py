@@ -22,27 +22,30 @@ where a 16-bit x_hat with an fp32 w takes the 16-bit dtype: ek_driver.cpp
 compute_dtype; fp16 GEMMs take W's normalised rows: gemm_operand there); "acc" is
 float64 when that is float64, else float32. labels (B,) int64 or int32, ignored rows -1.
 
-Importing this module raises ImportError (with the build command) when ``_C`` is not
-built; the registry turns that into the backend's unavailability reason.
+Importing this module loads the extension built for the running torch
+(:func:`extension_build.load`: the installed ``_C`` when its build record matches, else
+a cached first-use build) and raises ImportError with the reason and the fix when there
+is none; the registry turns that into the backend's unavailability reason.
+
+On a GPU the CUDA ops run only where the carried code can (:func:`cuda_unusable_reason`:
+SASS of the GPU's family or PTX no newer than it); elsewhere the backend reports why and
+:mod:`expface_kernels.prologue` runs its PyTorch code.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (loading the .so registers torch.ops.expface_kernels.*)
-except ImportError as _exc:  # pragma: no cover - exercised only without a build
-    raise ImportError(
-        "expface_kernels._C, the compiled C++/CUDA extension, is not built or cannot be loaded "
-        f"({_exc}). Build it from the repository root with `pip install --no-build-isolation -e .` "
-        "(CUDA kernels are compiled when a CUDA toolkit and a CUDA build of torch are found; "
-        "FORCE_CUDA=1 / FORCE_CUDA=0 force or skip them)."
-    ) from _exc
-
+from . import extension_build
 from .backends import Backend
 from .torch_math import acc_dtype
+
+_C, BUILD_RECORD = extension_build.load(os.path.dirname(os.path.abspath(__file__)))
+"""The loaded extension module and its build record (extension_build.make_record)."""
 
 _ops = torch.ops.expface_kernels
 
@@ -56,6 +59,36 @@ blocks."""
 def built_with_cuda() -> bool:
     """True if this build of ``_C`` contains the CUDA kernels."""
     return bool(_C.built_with_cuda())
+
+
+def _device_info(index: int) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of cuda:index (tests replace it to mock a GPU)."""
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+_CUDA_REASONS: dict[int, Optional[str]] = {}
+
+
+@torch.compiler.assume_constant_result
+def cuda_unusable_reason(index: int) -> Optional[str]:
+    """None if this build's CUDA code runs on cuda:index, else why and how to rebuild.
+
+    Computed once per device (a constant to torch.compile: the build and the GPU do not
+    change within a process).
+    """
+    if index not in _CUDA_REASONS:
+        if not built_with_cuda():
+            why = ("expface_kernels._C was built without CUDA (rebuild with a CUDA toolkit: "
+                   "`FORCE_CUDA=1 pip install --no-build-isolation .`)")
+        else:
+            name, cap = _device_info(index)
+            archs = BUILD_RECORD.get("cuda_archs") or "unknown"
+            why = None if extension_build.code_runs_on(cap, archs) else (
+                f"cuda:{index} ({name}, compute capability {cap[0]}.{cap[1]}) has no code in this build of "
+                f"expface_kernels._C (TORCH_CUDA_ARCH_LIST={archs}); add {cap[0]}.{cap[1]} to "
+                f"TORCH_CUDA_ARCH_LIST and {extension_build.REBUILD_HINT}")
+        _CUDA_REASONS[index] = why
+    return _CUDA_REASONS[index]
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -139,9 +172,10 @@ def unsupported_reasons(x_hat: Tensor, w: Tensor) -> list[str]:
     devs = {x_hat.device.type, w.device.type}
     for dev in sorted(devs):
         if dev == "cuda":
-            if not built_with_cuda():
-                reasons.append("expface_kernels._C was built without CUDA (rebuild with a CUDA toolkit: "
-                               "`FORCE_CUDA=1 pip install --no-build-isolation -e .`)")
+            t = x_hat if x_hat.device.type == "cuda" else w
+            why = cuda_unusable_reason(t.device.index if t.device.index is not None else 0)
+            if why:
+                reasons.append(why)
         elif dev != "cpu":
             reasons.append(f"the extension has CPU and CUDA kernels only, got a {dev} tensor")
     if "cuda" in devs and torch.float64 in (x_hat.dtype, w.dtype):

@@ -8,7 +8,7 @@ each costs a launch and its dispatch on the host, and the GPU waited ~1.7 ms for
 first GEMM of a 9 ms step (H200, B=512, C=2^20, bf16; bench/RESULTS.md). With
 ``expface_kernels._C`` built (for CUDA tensors: built with CUDA) each function below is
 ONE op of the extension (csrc/ek_prologue.h), whatever the backend of the class loop;
-otherwise it is the PyTorch code, which is also the specification the tests hold the
+otherwise -- no extension, or a GPU its build carries no code for -- it is the PyTorch code, which is also the specification the tests hold the
 ops to.
 
 Shapes: x (B, D) any float dtype; w (C_local, D) the block ``[offset, offset +
@@ -45,7 +45,14 @@ OPS_DEVICES = _ops_devices()
 
 
 def _use_ops(t: Tensor) -> bool:
-    return USE_EXTENSION and t.device.type in OPS_DEVICES
+    """The extension's op for this tensor's device? On a GPU only where the build carries
+    code for it (extension.cuda_unusable_reason); elsewhere the PyTorch code below."""
+    if not USE_EXTENSION or t.device.type not in OPS_DEVICES:
+        return False
+    if t.device.type == "cuda":
+        from .extension import cuda_unusable_reason  # importable: OPS_DEVICES has "cuda"
+        return cuda_unusable_reason(t.device.index if t.device.index is not None else 0) is None
+    return True
 
 
 def target_cosine(x: Tensor, w: Tensor, labels: Tensor, offset: int, ignore_index: int,

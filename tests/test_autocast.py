@@ -110,17 +110,18 @@ def test_cpu_autocast_sharded_loss_matches_the_single_device_loss():
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
-def test_cpu_autocast_compile_fullgraph(backend, monkeypatch):
+def test_cpu_autocast_compile_fullgraph(backend):
     """Inductor, like eager. (emulate_precision_casts: should x̂ be formed by PyTorch ops
     -- no extension -- Inductor would otherwise fuse its bf16 rounding away, and the
     chunked backend would see the fp32 x̂: 1.2e-4 off the rule's loss, 1.8e-3 off its
     gradients.)"""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", True, raising=False)
     x, w, y = make_inputs(5, 300, 8, dtype=torch.float32, seed=6)
     fn = torch.compile(lambda a, b, t: ek.margin_softmax_loss(a, b, t, backend=backend), fullgraph=True)
-    with torch.autocast("cpu", dtype=AC):
+    # config.patch, not monkeypatch: pytest >= 9.2 undoes a setattr(raising=False) by
+    # deleting the attribute, which hid this config entry from every later test
+    with inductor_config.patch(emulate_precision_casts=True), torch.autocast("cpu", dtype=AC):
         got = loss_and_grads(lambda: fn(x, w, y), x, w)
     want = autocast_truth(x, w, y)
     for g, t, what in zip(got, want, ("loss", "grad_x", "grad_w")):

@@ -138,52 +138,22 @@ def test_cpu_only_build_reports_why_for_cuda():
     assert any("CPU and CUDA" in r for r in ext.unsupported_reasons(x, x))
 
 
-def fatbin_cubin_archs(path: str) -> list[int]:
-    """SM architectures of the cubins (SASS) embedded in a shared object's .nv_fatbin
-    section -- what `cuobjdump --list-elf` lists, without a full toolkit (CI's minimal
-    CUDA has no cuobjdump). Layout: fatbin header (magic 0xBA55ED50, u16 version, u16
-    header size, u64 size) then entries (u16 kind: 1 PTX / 2 ELF, u16, u32 header size,
-    u64 payload size, ..., u32 arch at byte 28)."""
-    import struct
-    b = open(path, "rb").read()
-    assert b[:4] == b"\x7fELF" and b[4] == 2, "expects a 64-bit ELF"
-    shoff = struct.unpack_from("<Q", b, 0x28)[0]
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", b, 0x3A)
-    secs = [struct.unpack_from("<IIQQQQIIQQ", b, shoff + i * shentsize) for i in range(shnum)]
-    names_off = secs[shstrndx][4]
-    archs = []
-    for sec in secs:
-        nm = b[names_off + sec[0]:b.index(b"\0", names_off + sec[0])]
-        if nm != b".nv_fatbin":
-            continue
-        pos, end = sec[4], sec[4] + sec[5]
-        while pos + 16 <= end:
-            magic, _, hsz, fsz = struct.unpack_from("<IHHQ", b, pos)
-            if magic != 0xBA55ED50:
-                pos += 8
-                continue
-            e = pos + hsz
-            while e < pos + hsz + fsz:
-                kind, _, ehsz, psz = struct.unpack_from("<HHIQ", b, e)
-                if kind == 2:
-                    archs.append(struct.unpack_from("<I", b, e + 28)[0])
-                e += ehsz + psz
-            pos += hsz + fsz
-    return archs
-
-
 @pytest.mark.skipif(not ext.built_with_cuda(), reason="CPU-only build of expface_kernels._C")
-def test_cuda_build_carries_sm80_and_sm90_sass():
-    """The installed extension carries compiled CUDA code for sm_80 and sm_90 (needs no GPU)
-    -- setup.py's default; where TORCH_CUDA_ARCH_LIST is set, the architectures it names
-    (the H200 machine's image sets it: its build carried sm_90 alone)."""
-    wanted = {80, 90}
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        wanted = {int(float(a.split("+")[0].rstrip("a")) * 10) for a in env.replace(",", ";").replace(" ", ";").split(";")
-                  if a and a[0].isdigit()}
-    archs = fatbin_cubin_archs(ext._C.__file__)
-    assert wanted <= set(archs), (archs, env)
+def test_cuda_build_carries_the_recorded_archs():
+    """The loaded extension's fatbin carries SASS for every arch of its build record and
+    PTX for the ones marked +PTX (needs no GPU). Without an explicit TORCH_CUDA_ARCH_LIST
+    the record holds the defaults: sm_80, sm_90, sm_100, sm_120 and PTX (the machine
+    image of the GPU runs sets the list: there the build carries what it names)."""
+    from expface_kernels import extension_build as eb
+
+    archs = ext.BUILD_RECORD["cuda_archs"]
+    sass, ptx = eb.parse_arch_list(archs)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        assert archs.endswith(eb.DEFAULT_CUDA_ARCHS), archs
+    want = {("sass", int(a.replace(".", "").rstrip("af"))) for a in sass}
+    want |= {("ptx", int(a.replace(".", "").rstrip("af"))) for a in ptx}
+    got = set(eb.fatbin_entries(ext._C.__file__))
+    assert want <= got, (sorted(got), archs)
 
 
 # ------------------------------------------------------------------ opcheck
