@@ -381,7 +381,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_forward_grads_impl(
   Tensor lab = checked_labels(labels, c.n);
   Tensor tl = acc_vec(target_logit, c.acc), tf = acc_vec(target_factor, c.acc), gr = acc_vec(grad_row, c.acc);
   Tensor xc = x_hat.to(c.cd).contiguous();
-  // A C x D copy for a mixed low-precision W, or for fp16 (README "fp16 GEMMs").
+  // A C x D copy for a mixed low-precision W, or for fp16 (docs/backends.md, "fp16 GEMMs").
   const GemmOperand op = gemm_operand(ops, wr, winv, c.cd, unit_scales(c.cd, c.n, acc_opts));
   const Tensor& wc = op.w;
 

@@ -1,6 +1,6 @@
 """expface_kernels: fused, memory-flat margin-softmax cross-entropy (ExpFace, ArcFace, ...).
 
-See README.md and DESIGN.md. Public API::
+See README.md and docs/. Public API::
 
     margin_softmax_loss, expface_loss, available_backends,
     MarginSoftmaxLoss, ExpFaceLoss, ArcFaceLoss, CosFaceLoss, SphereFaceLoss

@@ -43,9 +43,8 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 PTX of the newest, which the driver compiles for any later GPU. (Without PTX a GPU newer
 than the newest SASS -- a B200 against an sm_80/sm_90 build -- finds no kernel at all.)"""
 
-REBUILD_HINT = ("rebuild it against the running torch: `pip install --no-build-isolation .` "
-                "from the source tree (TORCH_CUDA_ARCH_LIST selects the GPUs), or unset "
-                "EXPFACE_BUILD_EXTENSION to let the first import compile it")
+REBUILD_HINT = ("rebuild it against the running torch: `pip install --no-build-isolation .` from the "
+                "source tree (TORCH_CUDA_ARCH_LIST selects the GPUs)")
 
 # Sources relative to csrc/. -fopenmp: at::parallel_for is header-inline OpenMP in torch's
 # CPU builds; without the flag the CPU epilogues silently ran on one thread (measured: 1
@@ -260,6 +259,19 @@ def _cache_dir(torch_version: str, torch_cuda: Optional[str], arch_list: Optiona
     return os.path.join(base, f"torch{torch_version}-cuda{torch_cuda or 'none'}-{archs}-{py}")
 
 
+_FIRST_USE_NAME = "expface_kernels_C"
+
+
+def _is_built(build_dir: str, root: str, srcs: list[str]) -> bool:
+    """A first-use build already in the cache, newer than every source and header?
+    (Then loading it prints nothing; ninja still checks it.)"""
+    so = os.path.join(build_dir, _FIRST_USE_NAME + ".so")
+    if not os.path.exists(so):
+        return False
+    inputs = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs] + srcs
+    return os.path.getmtime(so) >= max(os.path.getmtime(p) for p in inputs)
+
+
 def _first_use_build(package_dir: str, why: str):
     """Compile the extension for the running torch into the cache; returns (module, record)."""
     import torch
@@ -278,16 +290,18 @@ def _first_use_build(package_dir: str, why: str):
         arch_list = resolve_arch_list(visible, first_use=True)
     build_dir = _cache_dir(torch.__version__, torch.version.cuda, arch_list)
     os.makedirs(build_dir, exist_ok=True)
-    print(f"expface_kernels: {why}: compiling the C++{'/CUDA' if with_cuda else ''} extension for torch "
-          f"{torch.__version__} (once, 1-3 minutes) into {build_dir}", file=sys.stderr, flush=True)
+    srcs = sources(root, with_cuda)
+    if not _is_built(build_dir, root, srcs):
+        print(f"expface_kernels: {why}: compiling the C++{'/CUDA' if with_cuda else ''} extension for torch "
+              f"{torch.__version__} (once, 1-3 minutes) into {build_dir}", file=sys.stderr, flush=True)
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch_list:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    define = [f"-D{CUDA_DEFINE[0]}={CUDA_DEFINE[1]}"] if with_cuda else []
     try:
         module = cpp_extension.load(
-            name="expface_kernels_C", sources=sources(root, with_cuda), build_directory=build_dir,
-            extra_cflags=list(CXX_FLAGS) + ([f"-D{CUDA_DEFINE[0]}={CUDA_DEFINE[1]}"] if with_cuda else []),
-            extra_cuda_cflags=list(NVCC_FLAGS), extra_ldflags=list(LINK_FLAGS), with_cuda=with_cuda,
+            name=_FIRST_USE_NAME, sources=srcs, build_directory=build_dir, extra_cflags=list(CXX_FLAGS) + define,
+            extra_cuda_cflags=list(NVCC_FLAGS) + define, extra_ldflags=list(LINK_FLAGS), with_cuda=with_cuda,
             verbose=False)
     finally:
         if saved is None:
