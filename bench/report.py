@@ -64,14 +64,12 @@ def shape_table(rec, dtype: str, b: int, c: int, d: int) -> list:
         head, rule = head + " loss rel. err | err / naive |", rule + "---|---|"
     lines = [f"**B={b}, C={labels.class_count(c)}, D={d}, {dtype}**", "", head, rule]
     names = list(dict.fromkeys(r["backend"] for r in rec.rows if r["C"] == c and r["B"] == b
-                               and r["dtype"] == dtype and r["op"] in ("fwd", "fwd+bwd")
-                               and r["backend"] != "gemm"))
+                               and r["dtype"] == dtype and r["op"] in ("fwd", "fwd+bwd")))
     lines += [_candidate_row(rec, n, dtype, b, c, with_err) for n in names]
-    g = rec.value(op="fwd", backend="gemm", B=b, C=c, dtype=dtype, metric="time_median")
-    if g:
-        tf = rec.value(op="fwd", backend="gemm", B=b, C=c, dtype=dtype, metric="tflops")
-        lines.append(f"\nOne GEMM x̂·Wᵀ of this shape: {labels.ms(g)} ms ({tf:.1f} TFLOP/s); "
-                     "a forward+backward's floor is 4 of them (3 with the fused forward).")
+    tf = rec.value(op="fwd", backend="gemm", B=b, C=c, dtype=dtype, metric="tflops")
+    if tf:
+        lines.append(f"\ngemm: one x̂·Wᵀ of this shape, {tf:.3g} TFLOP/s; a forward+backward's "
+                     "floor is 4 of them (3 with the fused forward).")
     return lines + [""]
 
 
