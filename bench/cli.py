@@ -3,7 +3,7 @@
 A size or count of 0 is refused at parse time with the option's name, instead of
 being read as "not given" (``if args.B:``: ``--B 0`` once ran the whole default preset)
 or ending in a traceback deep inside torch (``--C 0``, ``--calls 0``). Used by
-bench.run, bench/host_overhead.py and examples/noisy_labels.py; standard library only.
+bench.run (with its profile and host parts) and examples/noisy_labels.py; standard library only.
 """
 
 from __future__ import annotations

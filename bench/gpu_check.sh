@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issues 3 and 4): install, GPU tests, GPU benchmark, profile -- in
-# under 8 minutes.
+# The GPU check: build, GPU tests, compute-sanitizer, benchmark, profile, capacity and a
+# run of the README's main job on CUDA, each step time-boxed.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (default OUT: bench/out)
 #
 # Needs: a CUDA GPU, torch + triton preinstalled, no network (`python -m pip`, so that the
 # build sees the same interpreter as torch; --no-deps, no build isolation). Every step
-# logs to a temporary folder; the benchmark (bench/gpu_bench.py) writes gpu_bench.md /
-# .csv after every shape, largest C first; bench/gpu_profile.py writes gpu_profile.md /
-# .csv (forward/backward split with host times, launch-config variants, largest C per
-# backend), bench/host_overhead.py host_overhead.md (ops and µs of one tiny call). On exit
-# those five files and logs.tar.gz land in $OUT, and the tables are
-# printed last. Each step is time-boxed from what is left of
-# TOTAL_S, so the script ends in time even if a step hangs; a failed step does not stop
-# the later ones.
+# logs to a temporary folder. On exit the reports land in $OUT -- bench.md / bench.csv
+# (`python -m bench.run --preset gpu`, rewritten after every shape, largest C first),
+# profile.md / .csv (`python -m bench.run profile`: forward/backward split with host
+# times, cuBLAS GEMM yardsticks, launch-config variants), capacity.md (largest C per
+# backend), host_overhead.md (dispatcher ops and µs of one tiny call) -- with every log in
+# logs.tar.gz, and the tables are printed last. Each step is time-boxed from what is left
+# of TOTAL_S, so the script ends in time even if a step hangs; a failed step does not
+# stop the later ones.
+#
+# What each step checks:
+#   install     the package and its C++/CUDA extension build here (else a CPU-only build)
+#   test_ext    the CUDA tests outside tests/test_triton.py (extension ops, loss, autocast)
+#   sanitize    racecheck / memcheck over the extension's own kernels
+#   bench       time (fwd, fwd+bwd), peak extra memory and loss error of every backend
+#               against the naive eager loss, and GEMM equivalents (4.0 = four cuBLAS
+#               GEMMs of the shape, the floor of a forward+backward)
+#   profile     where the step's time goes (GPU vs host), chunked-GEMM costs, Triton
+#               launch configs against the chunked backend's numbers, and host op counts
+#   test_triton the Triton kernels' GPU tests (bf16/fp16, 2^31-element W, GPU configs)
+#   capacity    the largest C each backend fits in this GPU's free memory, confirmed
+#   quickstart  `python -m bench.run --device cuda` end to end at one toy shape
 #
 # Knobs (environment):
 #   GPU_CHECK_TOTAL_S   whole-script target in seconds (default 450)
-#   GPU_CHECK_STEPS     which steps, in this order (default: all of them)
+#   GPU_CHECK_STEPS     which steps (default: all of them)
 #                       test_ext sanitize test_triton bench profile capacity quickstart
 #                       (they run in the order test_ext sanitize bench profile test_triton
 #                       capacity quickstart)
-#   GPU_BENCH_ARGS      extra arguments of bench/gpu_bench.py (default: none -- its
-#                       defaults, issue 3's sweep: C = 2^20, 2^18, 2^16 largest first,
-#                       B = 512 and 1024, bf16 and fp16-x/fp32-W, every backend and peer;
-#                       its --budget-s cuts the sweep short). The quick H200 runs of
-#                       2026-11-28 used "--c-exps 20 --backends naive cublas triton extension".
+#   GPU_BENCH_ARGS      arguments of `python -m bench.run` in the bench step (default:
+#                       the gpu preset at C = 2^20, 2^18, 2^16 (largest first), B = 512
+#                       and 1024, bf16 and fp16-x/fp32-W, the naive loss, its compiled
+#                       twin and the four library backends; the step adds --budget-s,
+#                       which cuts the sweep short). For the C = 2^20 rows alone:
+#                       "--preset gpu --C 1048576 --B 512 1024 --dtypes bf16 fp16-fp32
+#                       --backends naive triton extension --no-sweep".
 #   GPU_TRITON_TEST_ARGS  extra pytest arguments of the Triton test step (split on spaces)
 #   GPU_TRITON_TEST_K   its -k expression, spaces allowed (e.g. "gpu and not candidates")
-#   GPU_PROFILE_PARTS   parts of bench/gpu_profile.py in the profile step (default: split
+#   GPU_PROFILE_PARTS   parts of `bench.run profile` in the profile step (default: split
 #                       variants)
 #   GPU_PROFILE_ARGS    extra arguments of that step (e.g. "--B 1024")
 #   GPU_SANITIZE_TOOLS  compute-sanitizer tools of the sanitize step (default: racecheck memcheck)
@@ -40,10 +55,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-# Everything is written to $LOG first; on exit the tables and CSVs are copied to $OUT and
-# the logs packed into $OUT/logs.tar.gz (the device tool returns at most 8 files).
+# Everything is written to $LOG first; on exit the reports are copied to $OUT under flat
+# names and the whole of $LOG is packed into $OUT/logs.tar.gz.
 LOG=$(mktemp -d /tmp/gpu_check.XXXXXX)
-pack() { cp "$LOG"/*.md "$LOG"/*.csv "$OUT"/ 2>/dev/null; tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null; }
+pack() {
+  cp "$LOG"/*.md "$OUT"/ 2>/dev/null
+  for f in bench/table.md:bench.md bench/results.csv:bench.csv profile/profile.md:profile.md \
+           profile/profile.csv:profile.csv capacity/profile.md:capacity.md; do
+    [ -s "$LOG/${f%%:*}" ] && cp "$LOG/${f%%:*}" "$OUT/${f#*:}"
+  done
+  tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null
+}
 trap pack EXIT
 T0=$(date +%s)
 TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
@@ -82,8 +104,8 @@ PY
 tail -n 2 "$LOG/env.log"
 
 echo "== pip install (t=$(elapsed)s)"
-# Builds the C++/CUDA extension too (16 cores on the GPU machine; setup.py's sm_80 +
-# sm_90: 32 s for sm_90a alone on an H200 machine).
+# Builds the C++/CUDA extension too (MAX_JOBS default 16; setup.py's sm_80 + sm_90:
+# 32 s for sm_90a alone on a 16-core H200 host).
 if MAX_JOBS=${MAX_JOBS:-16} timeout "$(box 200 100)" python -m pip install --no-build-isolation --no-deps -e . \
      > "$LOG/pip_install.log" 2>&1; then
   status+=("install: ok")
@@ -153,9 +175,10 @@ if want bench; then
   # --budget-s: no new shape starts after it; the timeout kills a shape that overruns
   # (the tables written after the previous shapes stay).
   # shellcheck disable=SC2086
-  timeout $(( BUDGET + 60 )) python bench/gpu_bench.py --budget-s "$BUDGET" --out "$LOG" \
-    ${GPU_BENCH_ARGS:-} \
-    > "$LOG/gpu_bench.log" 2>&1
+  timeout $(( BUDGET + 60 )) python -m bench.run --budget-s "$BUDGET" --out "$LOG/bench" --no-plots \
+    ${GPU_BENCH_ARGS:---preset gpu --C 1048576 262144 65536 --B 512 1024 --dtypes bf16 fp16-fp32 \
+      --backends naive naive_compile reference chunked triton extension --no-sweep} \
+    > "$LOG/bench.log" 2>&1
   rc=$?; status+=("benchmark: rc=$rc (budget ${BUDGET}s)")
 fi
 
@@ -163,15 +186,15 @@ if want profile; then
   echo "== profile: split, variants (t=$(elapsed)s)"
   PB=$(box 150 110 30)
   # shellcheck disable=SC2086
-  timeout $(( PB + 40 )) python bench/gpu_profile.py --parts ${GPU_PROFILE_PARTS:-split variants} --budget-s "$PB" --out "$LOG" ${GPU_PROFILE_ARGS:-} \
-    > "$LOG/gpu_profile.log" 2>&1
+  timeout $(( PB + 40 )) python -m bench.run profile --parts ${GPU_PROFILE_PARTS:-split variants} --budget-s "$PB" \
+    --out "$LOG/profile" ${GPU_PROFILE_ARGS:-} > "$LOG/profile.log" 2>&1
   rc=$?; status+=("profile: rc=$rc (budget ${PB}s)")
 fi
 
 if want profile; then
   # Host cost of one tiny call (ops issued, µs), extension ops vs PyTorch ops for the
   # per-row work: a few seconds.
-  timeout 60 python bench/host_overhead.py --device cuda --calls 500 > "$LOG/host_overhead.md" 2>&1
+  timeout 60 python -m bench.run host --device cuda --calls 500 --out "$LOG" > "$LOG/host_overhead.log" 2>&1
   status+=("host_overhead: rc=$?")
 fi
 
@@ -186,18 +209,18 @@ fi
 if want capacity; then
   echo "== capacity: largest C per backend (t=$(elapsed)s)"
   CB=$(box 100000 25)
-  timeout $(( CB + 20 )) python bench/gpu_profile.py --parts capacity --budget-s "$CB" --out "$LOG" \
-    > "$LOG/gpu_capacity.log" 2>&1
+  timeout $(( CB + 20 )) python -m bench.run profile --parts capacity --budget-s "$CB" --out "$LOG/capacity" \
+    > "$LOG/capacity.log" 2>&1
   rc=$?; status+=("capacity: rc=$rc (budget ${CB}s)")
 fi
 
 if want quickstart; then
   echo "== quickstart: python -m bench.run on CUDA, one small shape (t=$(elapsed)s)"
   # The README's main job picks the GPU by default (the gpu preset); this checks its CUDA
-  # path (timing, in-process memory, table) at a toy shape, first run on an H200 on
-  # 2026-12-04 (rc 0): the numbers are not kept.
+  # path end to end (timing, in-process memory, errors, table, plots) at a toy shape; the
+  # numbers are not kept.
   timeout "$(box 90 0)" python -m bench.run --device cuda --C 16384 --B 64 --D 64 --rounds 2 \
-    --no-plots --no-sweep --backends naive chunked triton extension --out "$LOG/quickstart" \
+    --no-sweep --backends naive chunked triton extension --out "$LOG/quickstart" \
     > "$LOG/quickstart.log" 2>&1
   rc=$?; status+=("quickstart (bench.run --device cuda): rc=$rc: $(grep -c '^| ' "$LOG/quickstart.log") table rows")
 fi
@@ -207,6 +230,8 @@ printf '   %s\n' "${status[@]}"
 echo
 # The tables last.
 # (the profiler's kernel tables stay in the file: they would push the others out of view)
-[ -s "$LOG/gpu_profile.md" ] && awk '/^```/{f=!f; next} !f' "$LOG/gpu_profile.md"
+for f in profile/profile.md capacity/profile.md; do
+  [ -s "$LOG/$f" ] && awk '/^```/{f=!f; next} !f' "$LOG/$f"
+done
 [ -s "$LOG/host_overhead.md" ] && cat "$LOG/host_overhead.md"
-if [ -s "$LOG/gpu_bench.md" ]; then cat "$LOG/gpu_bench.md"; elif [ -s "$LOG/gpu_bench.log" ]; then tail -n 40 "$LOG/gpu_bench.log"; fi
+if [ -s "$LOG/bench/table.md" ]; then cat "$LOG/bench/table.md"; elif [ -s "$LOG/bench.log" ]; then tail -n 40 "$LOG/bench.log"; fi

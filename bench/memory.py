@@ -53,25 +53,31 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "1310
 # +0.05 MiB, and a ratio to the naive loss's reading came out as -2.2x.
 CPU_RESOLUTION_BYTES = 1 << 20
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "fp16": (torch.float16, torch.float16), "fp64": (torch.float64, torch.float64),
+          # fp16 embeddings with an fp32 weight: the common face-recognition set-up
+          "fp16-fp32": (torch.float16, torch.float32)}
+"""Input dtypes by name: (x's dtype, W's dtype)."""
 
 
 def make_inputs(b: int, c: int, d: int, dtype: str = "fp32", device="cpu", seed: int = 0):
-    """Embeddings (B, D), centres (C, D) — both requiring grad — and labels (B,).
+    """Embeddings (B, D), centres (C, D) — both requiring grad — and labels (B,) int64.
 
-    Random Gaussian data: target cosines near 0, angles near π/2, where every margin is
-    smooth (the exact gradients are finite for all of them).
+    ``dtype`` names an entry of :data:`DTYPES` (x's and W's dtypes). Random Gaussian
+    data: target cosines near 0, angles near π/2, where every margin is smooth (the
+    exact gradients are finite for all of them).
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dt = DTYPES[dtype]
-    x = torch.randn(b, d, generator=g).to(device=device, dtype=dt).requires_grad_(True)
-    w = torch.empty(c, d, dtype=dt, device=device)
+    # drawn on the device itself: at C = 2^20 a CPU draw and copy cost seconds per shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    x_dt, w_dt = DTYPES[dtype]
+    x = torch.randn(b, d, generator=g, device=device).to(x_dt).requires_grad_(True)
+    w = torch.empty(c, d, dtype=w_dt, device=device)
     step = 1 << 18  # fill in slices: no fp32 temporary of W's size for bf16/fp16
     for i in range(0, c, step):
         n = min(step, c - i)
-        w[i:i + n] = torch.randn(n, d, generator=g).to(device=device, dtype=dt)
+        w[i:i + n] = torch.randn(n, d, generator=g, device=device).to(w_dt)
     w.requires_grad_(True)
-    y = torch.randint(0, c, (b,), generator=g).to(device)
+    y = torch.randint(0, c, (b,), generator=g, device=device)
     return x, w, y
 
 

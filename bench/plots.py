@@ -133,7 +133,7 @@ def plot_memory(rows, path, dtype):
         return None
     cs = sorted(cs_all)
     d = int(rows[0]["D"])
-    item = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}.get(dtype, 4)
+    item = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}.get(dtype, 4)  # W's element size
     ax.plot(cs, [c * d * item / 2**20 for c in cs], ":", color="gray", label="size of W (C·D)")
     _log2_ticks(ax, cs)
     ax.set_yscale("log")
@@ -264,8 +264,13 @@ def plot_scale(rows, path):
 
 
 def make_all(rows, out_dir, with_margins=True) -> list:
-    """Every figure the rows allow; returns the written paths."""
+    """Every figure the rows allow; returns the written paths. The C curves are drawn
+    for the first batch size measured (a run over several B would mix them)."""
     made = []
+    timed = [r for r in rows if r["op"] in ("fwd", "fwd+bwd")]
+    if timed:
+        b0 = timed[0]["B"]
+        rows = [r for r in rows if r["op"] not in ("fwd", "fwd+bwd") or r["B"] == b0]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows if r["op"] in ("fwd", "fwd+bwd")))
     if len({r["C"] for r in rows if r["op"] in ("fwd", "fwd+bwd")}) < 2:
         dtypes = []  # one class count (the scale preset): no curve to draw

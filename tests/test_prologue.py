@@ -25,7 +25,7 @@ ext = pytest.importorskip("expface_kernels.extension",
 from util import MARGIN_CASES, loss_and_grads, make_inputs, max_rel_err  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.host_overhead import CountOps  # noqa: E402  (the one op counter, shared with the benchmark)
+from bench.host_overhead import ops_of_one_step  # noqa: E402  (the one op counter, shared with the benchmark)
 
 OPS = torch.ops.expface_kernels
 HAS_CUDA = torch.cuda.is_available() and ext.built_with_cuda()
@@ -232,11 +232,7 @@ def test_op_errors_name_the_argument(call, match):
 # ------------------------------------------------------------------ why: the ops issued per step
 def _ops_of_one_step(backend):
     x, w, y = make_inputs(8, 50, 16, dtype=torch.float32, seed=0, ignore=(1,))
-    with CountOps() as fwd:
-        loss = ek.expface_loss(x, w, y, backend=backend)
-    with CountOps() as bwd:
-        loss.backward()
-    return fwd.n, bwd.n
+    return ops_of_one_step(x, w, y, backend)
 
 
 def test_ops_per_step_with_and_without_the_extension_prologue(monkeypatch):

@@ -1,8 +1,9 @@
-"""Smoke tests of the benchmark runner and the noisy-label example (CPU, tiny sizes).
+"""Tests of the tools around the library: the benchmark and the noisy-label example.
 
-They run the real entry points in subprocesses (``python -m bench.run``,
-``python examples/noisy_labels.py --quick``) and check what they write: the long-format
-CSV's columns and rows, the Markdown table, and non-empty PNGs.
+They run the real entry points (``python -m bench.run`` and its ``profile`` and ``host``
+parts, ``python examples/noisy_labels.py --quick``) on the CPU at tiny sizes and check
+what they write: the long-format CSV's columns and rows, the Markdown tables, non-empty
+PNGs. No test here bounds a time: timings belong in the benchmark's own reports.
 """
 
 import csv
@@ -13,11 +14,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, ROOT)
+import expface_kernels as ek  # noqa: E402
 from bench import cli, labels, memory, peers, run  # noqa: E402
-from bench.run import CSV_COLUMNS  # noqa: E402
+from bench.records import CSV_COLUMNS  # noqa: E402
 
 
 def _run(args, timeout=180):
@@ -170,54 +172,107 @@ def test_noisy_labels_quick(tmp_path):
     _png_ok(tmp_path / "noisy_label_angles.png")
 
 
-def test_host_overhead_script_counts_fewer_ops_with_the_extension_ops():
-    """bench/host_overhead.py prints, per backend, the ops and µs of one call with the
-    per-row work as extension ops and as PyTorch ops; the ops must be fewer."""
-    p = subprocess.run([sys.executable, "bench/host_overhead.py", "--device", "cpu", "--calls", "20",
-                        "--backends", "extension"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_host_part_counts_fewer_ops_with_the_extension_ops(tmp_path):
+    """`bench.run host` prints, per backend, the ops and µs of one call with the per-row
+    work as extension ops and as PyTorch ops; the ops must be fewer; the CSV is long."""
+    p = _run(["-m", "bench.run", "host", "--device", "cpu", "--calls", "20", "--backends", "extension",
+              "--out", str(tmp_path)], timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [r.split("|")[1:-1] for r in p.stdout.splitlines() if r.startswith("| extension")]
     assert [r[1].strip() for r in rows] == ["extension ops", "PyTorch ops"], p.stdout
     fwd_ops = [int(r[2]) for r in rows]
     assert fwd_ops[0] < fwd_ops[1], p.stdout
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows), p.stdout
+    with open(tmp_path / "host_overhead.csv") as f:
+        rd = csv.DictReader(f)
+        assert rd.fieldnames == CSV_COLUMNS
+        ops = {(r["backend"], r["op"]): int(float(r["value"])) for r in rd if r["metric"] == "dispatch_ops"}
+    assert ops[("extension (extension ops)", "fwd")] == fwd_ops[0]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--calls", "0"], "argument --calls: expected a positive integer, got '0'"),  # was ZeroDivisionError
     (["--backends", "foo"], "argument --backends: invalid choice: 'foo'"),
 ])
-def test_host_overhead_script_refuses_bad_arguments(args, message, capsys):
-    from bench import host_overhead
+def test_host_part_refuses_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        host_overhead.main(["--device", "cpu", *args])
+        run.main(["host", "--device", "cpu", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_device_benchmark_scripts_smoke_on_cpu(tmp_path):
-    """bench/gpu_bench.py and bench/gpu_profile.py run their logic on CPU (``--device cpu``:
-    tiny shapes, the Triton interpreter) and write their tables; every Triton variant's
-    error against the chunked primitives is printed and small."""
-    env_extra = {"TRITON_INTERPRET": "1"}
+def test_profile_part_smoke_on_cpu(tmp_path):
+    """`bench.run profile` runs its split and variants logic on the CPU (tiny shapes, the
+    Triton interpreter) and writes its tables; every Triton variant's error against the
+    chunked primitives is printed and small; capacity (GPU only) says it is skipped."""
     out = tmp_path / "prof"
-    p = subprocess.run([sys.executable, "bench/gpu_profile.py", "--device", "cpu", "--B", "8", "--D", "16",
-                        "--c-exp", "7", "--parts", "split", "variants", "--out", str(out)],
-                       cwd=ROOT, env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=600)
+    p = _run(["-m", "bench.run", "profile", "--device", "cpu", "--B", "8", "--D", "16", "--c-exp", "7",
+              "--out", str(out)], timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    md = (out / "gpu_profile.md").read_text()
-    assert "### split" in md and "### variants" in md
+    md = (out / "profile.md").read_text()
+    assert "### split" in md and "### variants" in md and "capacity: GPU only" in md
+    assert "| extension, PyTorch prologue |" in md and "| logits x W^T |" in md
     rows = [r for r in md.splitlines() if r.startswith("| lse_partials") or r.startswith("| grads")]
     assert len(rows) >= 8, md
     errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows]
     assert max(errs) < 1e-4, rows
-    with open(out / "gpu_profile.csv") as f:
-        assert {"part", "what", "metric", "value"} <= set(next(csv.reader(f)))
-    out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, "bench/gpu_bench.py", "--device", "cpu", "--B", "8", "--D", "16",
-                        "--c-exps", "7", "--dtypes", "fp32", "--backends", "naive", "cublas", "chunked",
-                        "triton", "extension", "--out", str(out)],
-                       cwd=ROOT, env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    md = (out / "gpu_bench.md").read_text()
-    for name in ("naive", "chunked", "triton", "extension", "cublas"):
-        assert f"| {name}" in md, md
+    assert md.count("| 16 MiB |") == 1, md  # the extension's logits-block variants
+    with open(out / "profile.csv") as f:
+        rd = csv.DictReader(f)
+        assert rd.fieldnames == CSV_COLUMNS
+        got = {(r["op"], r["backend"], r["metric"]) for r in rd}
+    assert ("bwd", "extension", "host_time") in got and ("gemm", "cublas full GEMM", "tflops") in got
+
+
+def test_sweep_errors_batches_and_mixed_dtypes(tmp_path):
+    """The sweep's GPU-preset features on the CPU: several B, the fp16-x/fp32-W pair, the
+    loss error against float64 and its ratio to the naive loss's."""
+    out = tmp_path / "b"
+    p = _run(["-m", "bench.run", "--device", "cpu", "--C", "256", "--B", "8", "16", "--D", "16",
+              "--rounds", "1", "--dtypes", "fp32", "fp16-fp32", "--backends", "naive", "chunked",
+              "--errors", "--no-sweep", "--no-plots", "--no-memory", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    errs = {(r["dtype"], r["B"], r["backend"]): float(r["value"]) for r in rows
+            if r["metric"] == "rel_err_vs_fp64"}
+    assert set(errs) == {(dt, b, n) for dt in ("fp32", "fp16-fp32") for b in ("8", "16")
+                         for n in ("naive", "chunked")}
+    assert max(errs.values()) < 1e-4, errs
+    assert any(r["metric"] == "err_ratio_vs_naive" and r["backend"] == "chunked" for r in rows)
+    md = (out / "table.md").read_text()
+    assert "**B=16, C=2^8, D=16, fp16-fp32**" in md and "| err / naive |" in md
+
+
+def test_budget_cut_lists_the_shapes_not_measured(tmp_path, capsys):
+    """--budget-s: no shape starts after it; the table names those left out."""
+    args = ["--device", "cpu", "--C", "64", "128", "--B", "4", "--D", "8", "--rounds", "1",
+            "--backends", "chunked", "--no-plots", "--no-memory", "--no-sweep",
+            "--budget-s", "1e-9", "--out", str(tmp_path)]
+    assert run.main(args) == 0
+    md = (tmp_path / "table.md").read_text()
+    assert "B=4, C=2^6, fp32: not measured (time budget)." in md
+    assert "B=4, C=2^7, fp32: not measured (time budget)." in md
+
+
+def test_shape_order_largest_first():
+    cfg = {"Cs": [16, 64], "Bs": [2, 4], "dtypes": ["bf16", "fp32"], "largest_first": True}
+    assert run.shapes(cfg)[:3] == [("bf16", 2, 64), ("bf16", 4, 64), ("fp32", 2, 64)]
+    cfg["largest_first"] = False
+    assert run.shapes(cfg)[:3] == [("bf16", 2, 16), ("bf16", 2, 64), ("bf16", 4, 16)]
+
+
+def test_naive_peer_computes_in_the_inputs_dtype():
+    """The naive peer is the eager loss in the inputs' (promoted) dtype: bf16 inputs give
+    bf16 logits, fp16 x with an fp32 W gives fp32 -- and it is the library's reference."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g)
+    w = torch.randn(11, 7, generator=g)
+    y = torch.randint(0, 11, (5,), generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = peers.naive_loss(xb, wb, y, "arcface")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, ek.reference_loss(xb, wb, y, "arcface", compute_dtype=torch.bfloat16))
+    mixed = peers.naive_loss(x.half(), w, y)
+    assert mixed.dtype == torch.float32
+    want = ek.reference_loss(x.half().double(), w.double(), y)
+    assert abs(float(mixed) - float(want)) < 1e-5 * abs(float(want))
