@@ -33,14 +33,18 @@ MARGIN_CODES = {"none": 0, "cosface": 1, "arcface": 2, "expface": 3, "sphereface
 """margins.MARGINS name -> the ``margin`` code of the margin_terms op (ek_math.h MarginKind)."""
 
 
-def _ops_devices() -> frozenset:
+def _extension_module():
     if not backends.importable("extension"):
-        return frozenset()
+        return None
     from . import extension
-    return frozenset(("cpu", "cuda") if extension.built_with_cuda() else ("cpu",))
+    return extension
 
 
-OPS_DEVICES = _ops_devices()
+_EXTENSION = _extension_module()
+"""expface_kernels.extension, or None where it is not built (decided at import)."""
+
+OPS_DEVICES = frozenset() if _EXTENSION is None else frozenset(
+    ("cpu", "cuda") if _EXTENSION.built_with_cuda() else ("cpu",))
 """Device types on which the extension's ops run (decided at import: a constant to trace)."""
 
 
@@ -50,8 +54,7 @@ def _use_ops(t: Tensor) -> bool:
     if not USE_EXTENSION or t.device.type not in OPS_DEVICES:
         return False
     if t.device.type == "cuda":
-        from .extension import cuda_unusable_reason  # importable: OPS_DEVICES has "cuda"
-        return cuda_unusable_reason(t.device.index if t.device.index is not None else 0) is None
+        return _EXTENSION.cuda_unusable_reason(t.device.index if t.device.index is not None else 0) is None
     return True
 
 
