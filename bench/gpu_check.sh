@@ -36,6 +36,12 @@
 #   GPU_SANITIZE_K      its pytest -k expression over tests/test_extension.py and
 #                       tests/test_prologue.py (default: every CUDA test but the error
 #                       paths, the SASS check and opcheck)
+#   GPU_CUTLASS_WHEEL   the nvidia-cutlass wheel the opt-in `cutlass` step takes its
+#                       headers from when EXPFACE_CUTLASS_DIR is unset (default: the
+#                       newest .cutlass/nvidia_cutlass-*.whl, an ignored folder that travels
+#                       with the tree; the GPU machine has no network). The step is not in
+#                       the default list (its build alone takes minutes):
+#                       GPU_CHECK_STEPS=cutlass bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -202,11 +208,38 @@ if want quickstart; then
   rc=$?; status+=("quickstart (bench.run --device cuda): rc=$rc: $(grep -c '^| ' "$LOG/quickstart.log") table rows")
 fi
 
+if want cutlass; then
+  echo "== fused CUTLASS kernels (sm_90a): build, float64 checks, timing, memcheck (t=$(elapsed)s)"
+  # Headers: EXPFACE_CUTLASS_DIR, else the carried wheel unpacked here (no pip install).
+  if [ -z "${EXPFACE_CUTLASS_DIR:-}" ]; then
+    WHEEL=${GPU_CUTLASS_WHEEL:-$(ls -1 .cutlass/nvidia_cutlass-*.whl 2>/dev/null | tail -n 1)}
+    if [ -n "$WHEEL" ] && python -m zipfile -e "$WHEEL" "$LOG/cutlass_wheel" > /dev/null 2>&1; then
+      export EXPFACE_CUTLASS_DIR="$LOG/cutlass_wheel/cutlass_library/source"
+    fi
+  fi
+  CUTLASS_BUILD=${GPU_CUTLASS_BUILD_DIR:-/tmp/expface_cutlass_build}
+  timeout "$(box 420 20 60)" python bench/gpu_cutlass.py --out "$LOG" --build-dir "$CUTLASS_BUILD" \
+    --budget-s "$(box 120 60 30)" > "$LOG/gpu_cutlass.log" 2>&1
+  rc=$?; status+=("cutlass: rc=$rc: $(grep -E '^## correctness' "$LOG/gpu_cutlass.log" | head -n 1)")
+  tail -n 25 "$LOG/gpu_cutlass.log"
+  PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
+  if [ "$rc" != 124 ] && command -v compute-sanitizer > /dev/null; then
+    # The correctness cases again (the build is cached in $CUTLASS_BUILD), under memcheck,
+    # with only the CUTLASS kernels instrumented (their names carry the ek_cutlass namespace).
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(box 150 0 30)" compute-sanitizer --tool memcheck \
+      --kernel-regex kns=ek_cutlass --error-exitcode 99 --print-limit 20 \
+      python bench/gpu_cutlass.py --out "$LOG/cutlass_memcheck" --build-dir "$CUTLASS_BUILD" --skip-timing \
+      > "$LOG/sanitize_cutlass_memcheck.log" 2>&1
+    rc=$?; status+=("cutlass memcheck: rc=$rc: $(grep -E 'ERROR SUMMARY' "$LOG/sanitize_cutlass_memcheck.log" | tail -n 1)")
+  fi
+fi
+
 echo "== summary (t=$(elapsed)s)"
 printf '   %s\n' "${status[@]}"
 echo
 # The tables last.
 # (the profiler's kernel tables stay in the file: they would push the others out of view)
+[ -s "$LOG/cutlass_check.md" ] && cat "$LOG/cutlass_check.md"
 [ -s "$LOG/gpu_profile.md" ] && awk '/^```/{f=!f; next} !f' "$LOG/gpu_profile.md"
 [ -s "$LOG/host_overhead.md" ] && cat "$LOG/host_overhead.md"
 if [ -s "$LOG/gpu_bench.md" ]; then cat "$LOG/gpu_bench.md"; elif [ -s "$LOG/gpu_bench.log" ]; then tail -n 40 "$LOG/gpu_bench.log"; fi

@@ -32,9 +32,10 @@ The four kernels, as modelled here:
    Σ_j exp(z_ij − o) over the tile's columns into a per-(class tile, row) partial; the
    partials are summed afterwards (no atomics, no logits in memory).
 2. backward recompute, per class chunk: G'_ij = w_inv_j·grad_row_i·s·exp(s·c_ij − lse_i),
-   target column G'_iy = w_inv_j·target_grad_i, stored in 16 bits; c'_j reduced from the
-   stored (rounded) G' so that the projection removes exactly the radial part of what
-   the dW GEMM accumulates.
+   target column G'_iy = w_inv_j·target_grad_i, stored in 16 bits (as G'ᵀ: the kernel
+   runs with classes as GEMM rows, so that c' is a reduction along GEMM rows); c'_j
+   reduced from the stored (rounded) G' so that the projection removes exactly the
+   radial part of what the dW GEMM accumulates.
 3. grad_x̂ += G'·W_chunk (plain GEMM, fp32 accumulation across chunks).
 4. grad_W_chunk = G'ᵀ·x̂ − (c'_j·w_inv_j)·W_j (epilogue with W as the C operand; no
    projection where ‖W_j‖ < 1e-12, as F.normalize's backward).

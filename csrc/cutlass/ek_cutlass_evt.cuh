@@ -14,6 +14,7 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp"
 #include "cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_store_tma_warpspecialized.hpp"
 
 namespace ek_cutlass {
 
@@ -102,7 +103,7 @@ struct Project {
   }
 };
 
-// --- The custom node: 1 where the column is the row's target ---------------------------
+// --- The custom nodes: 1 where an element is its row's (or column's) target -----------
 
 // A column-vector load (one int32 per row: the row's target column relative to this
 // GEMM's first column, −1 or out of range when it is not in this GEMM) that outputs, per
@@ -147,6 +148,52 @@ struct Sm90TargetColumnMask
     auto base = Base::template get_consumer_store_callbacks<ReferenceSrc>(args);
     int n_first = int(cute::get<1>(args.tile_coord_mnkl)) * int(cute::size<1>(CtaTileShapeMNK{}));
     return Callbacks<decltype(base)>(static_cast<decltype(base)&&>(base), n_first);
+  }
+};
+
+// The transposed case (classes as GEMM rows, batch rows as GEMM columns): a row-vector
+// load (one int32 per GEMM column: that batch row's target class relative to this GEMM's
+// first row) that outputs 1.f where the element's global row equals it. Sm90RowBroadcast
+// stages the vector in shared memory and keeps no coordinates, so this node keeps the
+// epilogue's (tile-relative) tCcD and the tile's first row.
+template <class CtaTileShapeMNK>
+struct Sm90TargetRowMask
+    : cutlass::epilogue::fusion::Sm90RowBroadcast<0, CtaTileShapeMNK, int32_t, int32_t,
+                                                  cute::Stride<cute::_0, cute::_1, int64_t>> {
+  using Base = cutlass::epilogue::fusion::Sm90RowBroadcast<0, CtaTileShapeMNK, int32_t, int32_t,
+                                                           cute::Stride<cute::_0, cute::_1, int64_t>>;
+  using Base::Base;
+
+  template <class BaseCallbacks, class CoordTensor>
+  struct Callbacks : BaseCallbacks {
+    CUTLASS_DEVICE Callbacks(BaseCallbacks&& base, CoordTensor tCcD, int m_first)
+        : BaseCallbacks(static_cast<BaseCallbacks&&>(base)), tCcD(tCcD), m_first(m_first) {}
+
+    CoordTensor tCcD;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) tile-relative (m, n)
+    int m_first;       // global row of the tile's row 0
+
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize>
+    visit(cutlass::Array<ElementAccumulator, FragmentSize> const& frg_acc, int epi_v, int epi_m,
+          int epi_n) {
+      cutlass::Array<int32_t, FragmentSize> label = BaseCallbacks::visit(frg_acc, epi_v, epi_m, epi_n);
+      auto coords = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
+      cutlass::Array<float, FragmentSize> out;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) {
+        int row = m_first + int(cute::get<0>(coords(epi_v * FragmentSize + i)));
+        out[i] = label[i] == row ? 1.f : 0.f;
+      }
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto
+  get_consumer_store_callbacks(cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto base = Base::template get_consumer_store_callbacks<ReferenceSrc>(args);
+    int m_first = int(cute::get<0>(args.tile_coord_mnkl)) * int(cute::size<0>(CtaTileShapeMNK{}));
+    return Callbacks<decltype(base), decltype(args.tCcD)>(static_cast<decltype(base)&&>(base), args.tCcD, m_first);
   }
 };
 
