@@ -22,6 +22,7 @@ Exit status: 0 when the build and every correctness case pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import sys
@@ -64,22 +65,14 @@ def build(build_dir: Path) -> float:
     return time.monotonic() - t0
 
 
-def _lse_partials(x_hat, w, target_logit, labels, s, offset):
-    o = gemm_floor_model.fixed_offset(s, w.shape[0])
-    if o is None:  # the running-max path: the extension's kernels
-        return backends.get_backend("extension").lse_partials(x_hat, w, target_logit, labels, s, offset)
-    return torch.ops.expface_cutlass.lse_partials(x_hat, w, target_logit, labels, s, offset, o)
-
-
-def _grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset):
-    return torch.ops.expface_cutlass.grads(x_hat, w, w_inv_norm, labels, lse, target_grad, grad_row, s, offset, CHUNK)
-
-
 def install_backend(chunk: int) -> None:
-    """The CUTLASS primitives as a backend of the contract, under a check-only name."""
-    global CHUNK
-    CHUNK = chunk
-    backends._loaded[NAME] = backends.Backend(NAME, _lse_partials, _grads, lambda x, w: [])
+    """The cutlass backend, with backward chunks of ``chunk`` classes, under a check-only
+    name (``auto`` never takes it)."""
+    from expface_kernels import cutlass_backend
+
+    be = cutlass_backend.BACKEND
+    backends._loaded[NAME] = backends.Backend(NAME, be.lse_partials, functools.partial(be.grads, chunk=chunk),
+                                              be.unsupported_reasons)
 
 
 def run_loss(x, w, y, margin, m, margin_grad, s=64.0, reduction="mean"):
@@ -171,6 +164,13 @@ def main(argv=None) -> int:
           f"{time.strftime('%Y-%m-%d')})", ""]
     secs = build(args.build_dir or args.out / "build")
     md.append(f"build: {secs:.0f} s (torch.utils.cpp_extension.load)")
+    from expface_kernels import cutlass_backend
+
+    probe = torch.empty(1, 512, device="cuda", dtype=torch.bfloat16)
+    why = cutlass_backend.BACKEND.unsupported_reasons(probe, probe)
+    if why:
+        print("\n".join(md + ["the cutlass backend refuses bf16 CUDA tensors here: " + " / ".join(why)]))
+        return 1
     rows: list = []
     ok = correctness(rows)
     bad = [r for r in rows if not r["ok"]]

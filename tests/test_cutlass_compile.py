@@ -103,6 +103,24 @@ def test_build_description_reports_missing_headers(monkeypatch, tmp_path):
     assert desc["include_dirs"][:2] == [str(tmp_path / "include"), str(tmp_path / "tools/util/include")]
 
 
+def test_backend_refuses_with_reasons():
+    """Without the built ops (CPU CI) the cutlass backend runs nothing and says why; the
+    other reasons name the argument at fault."""
+    import torch
+
+    from expface_kernels import cutlass_backend
+
+    x = torch.zeros(2, 12, dtype=torch.float32)
+    why = " / ".join(cutlass_backend.BACKEND.unsupported_reasons(x, x))
+    if cutlass_backend.ops_missing():
+        assert "EXPFACE_CUTLASS=1" in why
+    assert "CUDA tensors only" in why
+    assert "both be bfloat16 or both float16" in why and "torch.float32" in why
+    assert "multiple of 8" in why and "12" in why
+    ok = torch.zeros(2, 16, dtype=torch.bfloat16)
+    assert "multiple of 8" not in " / ".join(cutlass_backend.BACKEND.unsupported_reasons(ok, ok))
+
+
 def _input_hash(source: Path, flags: list[str], include_dirs: list[str]) -> str:
     h = hashlib.sha256()
     h.update(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.encode())
