@@ -11,8 +11,9 @@
 // The partial buffers are summed by the glue (a C- or B-sized reduction, no atomics).
 //
 // Layouts (row-major, int64 leading dimensions): x̂ (B, D); W (C, D); G'ᵀ (chunk, ld_g)
-// with ld_g >= B. TMA needs 16-byte aligned base pointers and leading dimensions: D and
-// ld_g multiples of 8 elements. Every float/int32 vector the epilogues read must lie in a
+// with ld_g >= B. TMA needs 16-byte aligned base pointers and leading dimensions, and
+// CUTLASS's can_implement a contiguous extent that is a multiple of 8 elements: D always,
+// and B for the recompute, dX and dW kernels (the glue pads the batch). Every float/int32 vector the epilogues read must lie in a
 // buffer padded to a whole tile (kTileM or kTileN elements): the column-vector loads read
 // 16 bytes at a time past the last element. Every entry point returns 0 on success, else a
 // cutlass::Status code (can_implement refused the shapes, or a launch failed).

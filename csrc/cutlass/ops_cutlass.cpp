@@ -103,6 +103,11 @@ std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& x_hat, const at::Tens
   c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0), C = w.size(0), D = x_hat.size(1);
   const int64_t step = std::min(chunk, round_up(C, ek_cutlass::kTileN));
+  // The batch is the contiguous extent of G'ᵀ and of the dX/dW operands, which CUTLASS's
+  // can_implement requires to be a multiple of 8 (16 bytes): a ragged batch gets zero
+  // rows with grad_row = 0 and no target, so that their G' is 0 and they add nothing.
+  const int64_t Bp = round_up(B, 8);
+  at::Tensor xp = Bp == B ? x_hat : at::cat({x_hat, at::zeros({Bp - B, D}, x_hat.options())});
   auto f32 = x_hat.options().dtype(at::kFloat);
   auto e = element_of(w);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -115,10 +120,9 @@ std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& x_hat, const at::Tens
   const bool reusable = w_inv.scalar_type() == at::kFloat && w_inv.is_contiguous() &&
                         w_inv.storage().nbytes() >= size_t(w_inv.storage_offset() + round_up(C, ek_cutlass::kTileN)) * 4;
   at::Tensor inv = reusable ? w_inv : padded(w_inv.to(at::kFloat), ek_cutlass::kTileN, 1.0);
-  const int64_t ld_g = round_up(B, 8);  // 16-byte rows for the TMA
-  at::Tensor g_prime_t = at::empty({step, ld_g}, w.options());
-  at::Tensor partial = at::empty({ceil_div(B, ek_cutlass::kTileN), step}, f32);
-  at::Tensor grad_x = at::zeros({B, D}, f32);
+  at::Tensor g_prime_t = at::empty({step, Bp}, w.options());
+  at::Tensor partial = at::empty({ceil_div(Bp, ek_cutlass::kTileN), step}, f32);
+  at::Tensor grad_x = at::zeros({Bp, D}, f32);
   at::Tensor grad_w = at::empty_like(w);
   at::Tensor ws;
   for (int64_t start = 0; start < C; start += step) {
@@ -126,25 +130,25 @@ std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& x_hat, const at::Tens
     at::Tensor classes_here = cols - int32_t(start);  // −1 − start and beyond-chunk values match no class row
     const char* w_chunk = static_cast<const char*>(w.data_ptr()) + start * D * w.element_size();
     const float* inv_chunk = inv.data_ptr<float>() + start;
-    ek_cutlass::RecomputeArgs r{B, n, D, x_hat.data_ptr(), w_chunk, inv_chunk, classes_here.data_ptr<int32_t>(),
+    ek_cutlass::RecomputeArgs r{Bp, n, D, xp.data_ptr(), w_chunk, inv_chunk, classes_here.data_ptr<int32_t>(),
                                 tg.data_ptr<float>(), lse32.data_ptr<float>(), gr.data_ptr<float>(), float(s),
-                                g_prime_t.data_ptr(), ld_g, partial.data_ptr<float>()};
-    ek_cutlass::DxArgs x{B, D, n, g_prime_t.data_ptr(), ld_g, w_chunk, grad_x.data_ptr<float>()};
+                                g_prime_t.data_ptr(), Bp, partial.data_ptr<float>()};
+    ek_cutlass::DxArgs x{Bp, D, n, g_prime_t.data_ptr(), Bp, w_chunk, grad_x.data_ptr<float>()};
     at::Tensor c_prime = at::zeros({round_up(n, ek_cutlass::kTileN)}, f32);
-    ek_cutlass::DwArgs d{n, D, B, g_prime_t.data_ptr(), ld_g, x_hat.data_ptr(), w_chunk, c_prime.data_ptr<float>(),
+    ek_cutlass::DwArgs d{n, D, Bp, g_prime_t.data_ptr(), Bp, xp.data_ptr(), w_chunk, c_prime.data_ptr<float>(),
                          inv_chunk, static_cast<char*>(grad_w.data_ptr()) + start * D * w.element_size()};
     size_t need = std::max({ek_cutlass::recompute_workspace(e, r), ek_cutlass::dx_workspace(e, x),
                             ek_cutlass::dw_workspace(e, d)});
     if (!ws.defined() || size_t(ws.numel()) < need) ws = at::empty({int64_t(need)}, x_hat.options().dtype(at::kByte));
     check_status(ek_cutlass::recompute(e, r, ws.data_ptr(), stream), "recompute");
     // The partials are compact (B/128, round_up(n, 128)): the last chunk's rows are shorter.
-    const int64_t rn = round_up(n, ek_cutlass::kTileM), mt = ceil_div(B, ek_cutlass::kTileN);
+    const int64_t rn = round_up(n, ek_cutlass::kTileM), mt = ceil_div(Bp, ek_cutlass::kTileN);
     at::Tensor c_prime_n = c_prime.narrow(0, 0, n);
     at::sum_out(c_prime_n, partial.view({-1}).narrow(0, 0, mt * rn).view({mt, rn}).narrow(1, 0, n), {0});
     check_status(ek_cutlass::dx(e, x, ws.data_ptr(), stream), "dx");
     check_status(ek_cutlass::dw(e, d, ws.data_ptr(), stream), "dw");
   }
-  return {grad_x, grad_w};
+  return {grad_x.narrow(0, 0, B), grad_w};
 }
 
 }  // namespace
