@@ -40,8 +40,11 @@
 #                       headers from when EXPFACE_CUTLASS_DIR is unset (default: the
 #                       newest .cutlass/nvidia_cutlass-*.whl, an ignored folder that travels
 #                       with the tree; the GPU machine has no network). The step is not in
-#                       the default list (its build alone takes minutes):
-#                       GPU_CHECK_STEPS=cutlass bash bench/gpu_check.sh
+#                       the default list (its build alone takes minutes; with the install,
+#                       the float64 checks, the timing and memcheck, about 8 minutes):
+#                       GPU_CHECK_STEPS=cutlass GPU_CHECK_TOTAL_S=540 bash bench/gpu_check.sh
+#                       The GPU check script is bench/gpu_cutlass.py (tables in
+#                       cutlass_check.md / .csv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
