@@ -133,7 +133,10 @@ def timing(rows: list, budget_s: float) -> None:
     # The floor as bench/gpu_bench.py counts it: 4 x one (B x D) @ (D x C) cuBLAS GEMM.
     calls = {"cuBLAS 1 GEMM": (lambda: torch.mm(xs, ws.t()), None)}
     install_backend(CHUNK)
-    calls["cutlass"] = (lambda: run_loss(x, w, y, "expface", None, "exact"), [x, w])
+    _, mv = resolve_margin("expface", None)
+    # (not run_loss: its copies of the gradients would add a weight-sized copy to the time)
+    calls["cutlass"] = (lambda: function.margin_softmax(x, w, y, NAME, "expface", mv, 64.0, "exact", "mean",
+                                                        -1).backward(), [x, w])
     usable, skipped = peers.resolve(["extension", "triton", "liger", "cce"], torch.device("cuda"))
     for name, cand in usable.items():
         prep = cand.prepare(x, w, y, cand.margin_for("expface"), None, 64.0)
