@@ -255,3 +255,24 @@ def test_forced_fixed_offset_matches_in_float64(model_backend):
     model_backend(fixed=20.0)
     x, w, y = make_inputs(4, 33, 5, seed=9)
     assert_truth(run_model(x, w, y, "arcface"), ground_truth(x, w, y, "arcface"))
+
+
+def test_padded_batch_rows_are_inert():
+    """The CUTLASS glue pads a ragged batch to a multiple of 8 with zero rows, grad_row 0,
+    no target (label -1) and lse 0: their G' is 0, so c', grad_W and the real rows'
+    grad_x are unchanged."""
+    x_hat, w, _, y = _partials_case(5, 21, 8, 64.0, seed=13)
+    w_inv = inv_norm(w, torch.float64)
+    g = torch.Generator().manual_seed(2)
+    lse = torch.randn(5, dtype=torch.float64, generator=g) + 40
+    tg = torch.randn(5, dtype=torch.float64, generator=g)
+    gr = torch.rand(5, dtype=torch.float64, generator=g)
+    gx, gw = gfm.grads(x_hat, w, w_inv, y, lse, tg, gr, 64.0, 0, chunk=8)
+    pad = 3
+    z = torch.zeros(pad, dtype=torch.float64)
+    gx_p, gw_p = gfm.grads(torch.cat([x_hat, torch.zeros(pad, 8, dtype=torch.float64)]), w, w_inv,
+                           torch.cat([y, torch.full((pad,), -1)]), torch.cat([lse, z]), torch.cat([tg, z]),
+                           torch.cat([gr, z]), 64.0, 0, chunk=8)
+    torch.testing.assert_close(gx_p[:5], gx, rtol=0, atol=0)
+    assert (gx_p[5:] == 0).all()
+    torch.testing.assert_close(gw_p, gw, rtol=1e-15, atol=0)
