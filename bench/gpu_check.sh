@@ -51,6 +51,15 @@
 #   GPU_SANITIZE_K      its pytest -k expression over tests/test_extension.py and
 #                       tests/test_prologue.py (default: every CUDA test but the error
 #                       paths, the SASS check and opcheck)
+#   GPU_CUTLASS_WHEEL   the nvidia-cutlass wheel the opt-in `cutlass` step takes its
+#                       headers from when EXPFACE_CUTLASS_DIR is unset (default: the
+#                       newest .cutlass/nvidia_cutlass-*.whl, an ignored folder that travels
+#                       with the tree; the GPU machine has no network). The step is not in
+#                       the default list (its build alone takes minutes; with the install,
+#                       the float64 checks, the timing and memcheck, about 8 minutes):
+#                       GPU_CHECK_STEPS=cutlass GPU_CHECK_TOTAL_S=540 bash bench/gpu_check.sh
+#                       The GPU check script is bench/gpu_cutlass.py (tables in
+#                       cutlass_check.md / .csv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -225,11 +234,38 @@ if want quickstart; then
   rc=$?; status+=("quickstart (bench.run --device cuda): rc=$rc: $(grep -c '^| ' "$LOG/quickstart.log") table rows")
 fi
 
+if want cutlass; then
+  echo "== fused CUTLASS kernels (sm_90a): build, float64 checks, timing, memcheck (t=$(elapsed)s)"
+  # Headers: EXPFACE_CUTLASS_DIR, else the carried wheel unpacked here (no pip install).
+  if [ -z "${EXPFACE_CUTLASS_DIR:-}" ]; then
+    WHEEL=${GPU_CUTLASS_WHEEL:-$(ls -1 .cutlass/nvidia_cutlass-*.whl 2>/dev/null | tail -n 1)}
+    if [ -n "$WHEEL" ] && python -m zipfile -e "$WHEEL" "$LOG/cutlass_wheel" > /dev/null 2>&1; then
+      export EXPFACE_CUTLASS_DIR="$LOG/cutlass_wheel/cutlass_library/source"
+    fi
+  fi
+  CUTLASS_BUILD=${GPU_CUTLASS_BUILD_DIR:-/tmp/expface_cutlass_build}
+  timeout "$(box 420 20 60)" python bench/gpu_cutlass.py --out "$LOG" --build-dir "$CUTLASS_BUILD" \
+    --budget-s "$(box 120 60 30)" > "$LOG/gpu_cutlass.log" 2>&1
+  rc=$?; status+=("cutlass: rc=$rc: $(grep -E '^## correctness' "$LOG/gpu_cutlass.log" | head -n 1)")
+  tail -n 25 "$LOG/gpu_cutlass.log"
+  PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
+  if [ "$rc" != 124 ] && command -v compute-sanitizer > /dev/null; then
+    # The correctness cases again (the build is cached in $CUTLASS_BUILD), under memcheck,
+    # with only the CUTLASS kernels instrumented (their names carry the ek_cutlass namespace).
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(box 150 0 30)" compute-sanitizer --tool memcheck \
+      --kernel-regex kns=ek_cutlass --error-exitcode 99 --print-limit 20 \
+      python bench/gpu_cutlass.py --out "$LOG/cutlass_memcheck" --build-dir "$CUTLASS_BUILD" --skip-timing \
+      > "$LOG/sanitize_cutlass_memcheck.log" 2>&1
+    rc=$?; status+=("cutlass memcheck: rc=$rc: $(grep -E 'ERROR SUMMARY' "$LOG/sanitize_cutlass_memcheck.log" | tail -n 1)")
+  fi
+fi
+
 echo "== summary (t=$(elapsed)s)"
 printf '   %s\n' "${status[@]}"
 echo
 # The tables last.
 # (the profiler's kernel tables stay in the file: they would push the others out of view)
+[ -s "$LOG/cutlass_check.md" ] && cat "$LOG/cutlass_check.md"
 for f in profile/profile.md capacity/profile.md; do
   [ -s "$LOG/$f" ] && awk '/^```/{f=!f; next} !f' "$LOG/$f"
 done
