@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import backends
 from .function import LossOptions, autocast_operand_dtype, margin_softmax
-from .margins import MARGIN_GRADS, is_finite_number, resolve_margin
+from .margins import MARGIN_GRADS, MARGINS, is_finite_number, resolve_margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -166,6 +166,6 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
 
 
 def expface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,
-                 m: float = 0.7, **kwargs) -> Tensor:
+                 m: float = MARGINS["expface"].default, **kwargs) -> Tensor:
     """ExpFace: target logit s·cos(π·(θ/π)^m). Same keywords as :func:`margin_softmax_loss`."""
     return margin_softmax_loss(embeddings, weight, labels, "expface", s=s, m=m, **kwargs)
