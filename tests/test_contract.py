@@ -545,3 +545,58 @@ def test_cuda_torch_func_grad_and_vjp(backend, reduction):
     if ek.available_backends("cuda")[backend] is not None:
         pytest.skip(ek.available_backends("cuda")[backend])
     check_torch_func_grad_and_vjp(backend, reduction, device="cuda")
+
+
+# --- on a GPU: the API matrix the CPU runs above, in float32 ---------------------------------
+
+def _cuda_backends():
+    why = ek.available_backends("cuda") if torch.cuda.is_available() else {}
+    return [n for n in backends.BACKEND_NAMES if why.get(n, "") is None]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_tol():
+    return 2e-5 if not torch.backends.cuda.matmul.allow_tf32 else 5e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("b,c,d", INTERPRETER_SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_odd_shapes_and_reductions(b, c, d, reduction):
+    for backend in _cuda_backends():
+        x, w, y = make_inputs(b, c, d, dtype=torch.float32, seed=b + c + d, device="cuda",
+                              ignore=(0,) if b > 2 else ())
+        margin = "arcface" if d > 1 else "cosface"  # D = 1: c == +-1 exactly (see above)
+        got = run(backend, x, w, y, margin, reduction=reduction)
+        assert_close_to_truth(got, ground_truth(x, w, y, margin, reduction=reduction), _cuda_tol())
+
+
+@needs_cuda
+@pytest.mark.parametrize("ignore_index", [-1, -100, 3])
+def test_cuda_ignored_rows_and_int32_labels(ignore_index):
+    for backend in _cuda_backends():
+        x, w, y = make_inputs(6, 37, 7, dtype=torch.float32, seed=13, device="cuda",
+                              label_dtype=torch.int32)
+        y[[1, 4]] = ignore_index
+        got = run(backend, x, w, y, "cosface", ignore_index=ignore_index)
+        want = ground_truth(x, w, y.long(), "cosface", ignore_index=ignore_index)
+        assert_close_to_truth(got, want, _cuda_tol())
+        assert got[1][[1, 4]].abs().max() == 0
+        x, w, y = make_inputs(3, 37, 7, dtype=torch.float32, seed=14, device="cuda", ignore=(0, 1, 2))
+        loss, gx, gw = run(backend, x, w, y)
+        assert torch.isnan(loss) and not gx.any() and not gw.any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_compile_fullgraph(dynamic):
+    for backend in _cuda_backends():
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, b, t: ek.expface_loss(a, b, t, backend=backend), fullgraph=True,
+                           dynamic=dynamic, backend="inductor" if not dynamic else "aot_eager")
+        for b in ((5,) if not dynamic else (5, 9)):
+            x, w, y = make_inputs(b, 37, 7, dtype=torch.float32, seed=b, device="cuda", ignore=(3,))
+            got = loss_and_grads(lambda: fn(x, w, y), x, w)
+            assert_close_to_truth(got, ground_truth(x, w, y, "expface"), _cuda_tol())
