@@ -507,9 +507,9 @@ def test_await_collective_release():
     assert holder  # (and nothing let go meanwhile)
     released = threading.Event()
 
-    def let_go():  # the "worker" lets go later
-        holder.clear()
+    def let_go():  # the "worker" lets go later (the event first: the wait ends at the clear)
         released.set()
+        holder.clear()
 
     threading.Timer(0.05, let_go).start()
     assert _await_collective_release([t], timeout_s=60.0)
