@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .function import autocast_operand_dtype, margin_softmax
-from .margins import MARGIN_GRADS, is_finite_number, resolve_margin
+from .function import LossOptions, autocast_operand_dtype, margin_softmax
+from .margins import MARGIN_GRADS, MARGINS, is_finite_number, resolve_margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -157,14 +157,15 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     # (triton, B=512, C=2^20, bf16, the loss alone): forward 3.6 ms of GPU time with the
     # check first, 2.0 ms of it the class kernel; step 10.75 -> 10.09 ms in
     # bench/gpu_profile.py's split, 9.78 vs 9.91 ms in gpu_bench (within its noise).
-    loss = margin_softmax(x, w, labels.contiguous(), be.name, spec.name, mv, float(s), margin_grad,
-                          reduction, int(ignore_index), operand_dtype=operand_dtype)
+    opts = LossOptions(be, spec.name, mv, float(s), margin_grad, reduction, int(ignore_index),
+                       operand_dtype=operand_dtype)
+    loss = margin_softmax(x, w, labels.contiguous(), opts)
     if bad is not None:
         raise_label_errors(bad, labels, weight.shape[0], ignore_index)
     return loss
 
 
 def expface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0,
-                 m: float = 0.7, **kwargs) -> Tensor:
+                 m: float = MARGINS["expface"].default, **kwargs) -> Tensor:
     """ExpFace: target logit s·cos(π·(θ/π)^m). Same keywords as :func:`margin_softmax_loss`."""
     return margin_softmax_loss(embeddings, weight, labels, "expface", s=s, m=m, **kwargs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import Backend
+from .contract import Backend
 from .torch_math import acc_dtype, block_target_index, inv_norm, project_w_grad, put_target
 
 TILE_BYTES = 8 << 20
@@ -61,7 +61,7 @@ def _w_operand(wc: Tensor, inv_c: Tensor, gd: torch.dtype) -> tuple[Tensor, bool
 
 def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
                  offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Contract primitive (backends.py) with an online logsumexp over class chunks."""
+    """Contract primitive (contract.py) with an online logsumexp over class chunks."""
     acc = acc_dtype(x_hat, w)
     gd = _gemm_dtype(x_hat, w)
     b, c_local = x_hat.shape[0], w.shape[0]
@@ -86,7 +86,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
 
 def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
           target_grad: Tensor, grad_row: Tensor, s: float, offset: int) -> tuple[Tensor, Tensor]:
-    """Contract primitive (backends.py): recompute each chunk, form G, two GEMMs."""
+    """Contract primitive (contract.py): recompute each chunk, form G, two GEMMs."""
     acc = w_inv_norm.dtype
     gd = _gemm_dtype(x_hat, w)
     b, c_local = x_hat.shape[0], w.shape[0]

@@ -12,7 +12,7 @@ One step (every rank, W ranks, B_local rows each, B = W·B_local)::
 
     x  = all_gather(local_embeddings)        (B, D)   autograd-aware (_GatherRows)
     y  = all_gather(local_labels)            (B,)     int64
-    loss = margin_softmax(x, W_r, y, ..., offset=class_start, group=group)
+    loss = margin_softmax(x, W_r, y, LossOptions(..., offset=class_start, group=group))
          # inside: all-reduce SUM of the target cosines, MAX then SUM of the row
          # statistics (3 all-reduces of B numbers); each rank's backward yields its
          # block's part of dL/dx and the full dL/dW_r
@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .api import FLOAT_DTYPES, LABEL_DTYPES, validate_inputs
-from .function import autocast_operand_dtype, margin_softmax
+from .function import LossOptions, autocast_operand_dtype, margin_softmax
 from .margins import is_finite_number
 from .modules import INIT_STD, check_head_arguments
 
@@ -497,8 +497,9 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             w, offset = self.weight, self.class_start
         operand_dtype = autocast_operand_dtype(x, w)
         be = backends.select_backend(self.backend, x, w, x_dtype=operand_dtype)
-        return margin_softmax(x, w.contiguous(), labels, be.name, self._margin_name, self.m, self.s,
-                              self.margin_grad, self.reduction, -1, offset, self.group, operand_dtype)
+        opts = LossOptions(be, self._margin_name, self.m, self.s, self.margin_grad, self.reduction, -1,
+                           offset, self.group, operand_dtype)
+        return margin_softmax(x, w.contiguous(), labels, opts)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

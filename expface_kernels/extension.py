@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import extension_build
-from .backends import Backend
+from .contract import Backend
 from .torch_math import acc_dtype
 
 _C, BUILD_RECORD = extension_build.load(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +195,8 @@ BACKEND = Backend(
     # CPU only. On a GPU a row block against all classes holds few rows within a memory
     # bound of ~1% of the naive loss's (16 rows of 2^20 bf16 classes = 32 MiB), so its
     # GEMMs stream W B/16 times; the class-chunked 4-GEMM path streams W once per GEMM
-    # and keeps each (B, chunk) block in L2. On the CPU the fused path is what brings
-    # the extension to 0.47x of naive (B=256, C=2^17, D=512, fp32, bench/RESULTS.md).
+    # and keeps each (B, chunk) block in L2. On the CPU the fused path is what gives the
+    # extension its fwd+bwd time against naive (bench/RESULTS.md, "Quick preset": B=256,
+    # C=2^17, D=512, fp32).
     fused_device_types=("cpu",),
 )

@@ -27,14 +27,15 @@ off inside (so that no backend's own matmuls are recast by it).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, prologue
-from .margins import MARGINS
+from . import prologue
+from .contract import Backend
+from .margins import MARGINS, MarginParam
 
 
 def _all_reduce(t: Tensor, op, group) -> Tensor:
@@ -101,41 +102,63 @@ class _NoDoubleBackward(torch.autograd.Function):
             "is hand-written (kernels, in-place PyTorch ops) and not itself differentiable")
 
 
+class LossOptions(NamedTuple):
+    """Everything but the tensors that the Function needs: one argument of it.
+
+    A NamedTuple, not a dataclass: Dynamo builds and reads one inside a compiled region
+    (torch.compile(fullgraph=True), dynamic=True: ``s`` may arrive as a symbolic float).
+    """
+
+    backend: Backend
+    """Already resolved by backends.select_backend for these tensors."""
+    margin: str
+    """A margins.MARGINS name."""
+    m: MarginParam
+    """The margin's parameter, resolved (margins.resolve_margin)."""
+    s: float
+    margin_grad: str
+    reduction: str
+    ignore_index: int
+    offset: int = 0
+    """The block's first class: the block is ``[offset, offset + C_local)``."""
+    group: object = None
+    """A process group whose ranks hold the other blocks, or None."""
+    operand_dtype: Optional[torch.dtype] = None
+    """x̂'s dtype in the class loop when not x's: under autocast, autocast_operand_dtype."""
+
+
 class MarginSoftmaxFunction(torch.autograd.Function):
     """Margin-softmax cross-entropy over one class block (see the module docstring).
 
-    Call it through :func:`margin_softmax` (which passes whether gradients are needed);
-    arguments there. forward returns the loss first, then what backward needs (none of
-    it differentiable); forward / setup_context are apart so that ``torch.func.grad``
-    (first order) and torch.compile take the Function.
+    ``apply(x, w, labels, opts, need_grad)``: x (B, D) and w (C_local, D) float, labels
+    (B,) int; ``opts`` a :class:`LossOptions`; ``need_grad`` whether gradients will be
+    asked for (see :func:`margin_softmax`, the usual way in). forward returns the loss
+    first, then what backward needs (none of it differentiable); forward / setup_context
+    are apart so that ``torch.func.grad`` (first order) and torch.compile take the Function.
     """
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
-                margin_grad: str, reduction: str, ignore_index: int, offset: int, group,
-                need_grad: bool, operand_dtype: Optional[torch.dtype]):
+    def forward(x: Tensor, w: Tensor, labels: Tensor, opts: LossOptions, need_grad: bool):
         # Autocast off inside: the class loop's dtypes are decided by operand_dtype (see
         # autocast_operand_dtype), not by autocast re-casting some backends' matmuls.
         # Before, CPU autocast turned the chunked and reference backends' logits into bf16
         # (loss error 3.9e-5 against the extension's 2.8e-8; B=16, C=300, D=64, fp32).
         with _autocast_off(x.device.type):
-            return MarginSoftmaxFunction._forward(x, w, labels, backend, margin, m, s, margin_grad,
-                                                  reduction, ignore_index, offset, group, need_grad,
-                                                  operand_dtype)
+            return MarginSoftmaxFunction._forward(x, w, labels, opts, need_grad)
 
     @staticmethod
-    def _forward(x, w, labels, backend, margin, m, s, margin_grad, reduction, ignore_index,
-                 offset, group, need_grad, operand_dtype):
-        be = backends.loaded_backend(backend)
+    def _forward(x: Tensor, w: Tensor, labels: Tensor, opts: LossOptions, need_grad: bool):
+        be, s, offset, group, reduction = opts.backend, opts.s, opts.offset, opts.group, opts.reduction
         # Prologue (one op each with the extension built, see prologue.py): x̂, the cleaned
         # labels and c_iy from x̂ and the gathered centre (zero where the label is in
         # another rank's block, so that a SUM all-reduce assembles it), then the margin.
         # x̂ in the class loop's operand dtype, x's or autocast's: rounded once from the
         # x̂ formed in x's dtype, and the target cosine taken with it, as the loop's are.
-        x_hat, x_inv, labels, kept, c_t = prologue.target_cosine(x, w, labels, offset, ignore_index,
-                                                                 operand_dtype)
+        x_hat, x_inv, labels, kept, c_t = prologue.target_cosine(x, w, labels, offset, opts.ignore_index,
+                                                                 opts.operand_dtype)
         c_t = _all_reduce(c_t, dist.ReduceOp.SUM, group)
-        target_logit, target_factor = prologue.target_terms(c_t, MARGINS[margin], m, s, margin_grad)
+        target_logit, target_factor = prologue.target_terms(c_t, MARGINS[opts.margin], opts.m, s,
+                                                            opts.margin_grad)
 
         n_kept = kept.sum()
         if reduction == "mean":
@@ -177,12 +200,12 @@ class MarginSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, _, backend, _, _, s, _, _, _, offset, group, need_grad, _ = inputs
+        x, w, _, opts, need_grad = inputs
         (_, x_inv, x_hat, w_inv, labels, lse, target_logit, target_factor, grad_row,
          gx_hat, gw) = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)
-        ctx.backend, ctx.s, ctx.offset, ctx.group = backend, s, offset, group
+        ctx.opts = opts
         # The fused pass's gradients live on ctx, not in save_for_backward: backward
         # takes them out and scales them in place, so that autograd can hand grad_w to
         # w.grad without a copy (a saved tensor stays referenced, and AccumulateGrad then
@@ -199,7 +222,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         # Grads are not materialised (setup_context): the outputs after the loss are not
         # differentiable, and zeros for them would cost a weight-sized buffer for gw.
         if grad_out is None:  # the loss got no gradient (torch.autograd.grad of a sibling)
-            return (None,) * 14
+            return None, None, None, None, None
         # On CPU the engine runs this on the caller's thread, inside its autocast if any;
         # in grad mode only for create_graph=True (see _NoDoubleBackward).
         create_graph = torch.is_grad_enabled()
@@ -210,7 +233,7 @@ class MarginSoftmaxFunction(torch.autograd.Function):
         if create_graph:
             x, w = saved[0], saved[3]
             gx, gw = _NoDoubleBackward.apply(x if x.requires_grad else w, gx, gw)
-        return gx, gw, None, None, None, None, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None
 
     @staticmethod
     def _backward(ctx, saved: tuple[Tensor, ...], grad_out: Tensor):
@@ -220,9 +243,8 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 gx_hat, gw = ctx.fused_grads
                 ctx.fused_grads = None
             else:  # a second backward (retain_graph): the same pass again, same bits
-                be = backends.loaded_backend(ctx.backend)
-                _, gx_hat, gw, _ = be.fused_forward_grads(
-                    x_hat, w, target_logit, target_factor, labels, grad_row, ctx.s)
+                _, gx_hat, gw, _ = ctx.opts.backend.fused_forward_grads(
+                    x_hat, w, target_logit, target_factor, labels, grad_row, ctx.opts.s)
             # The fused pass used grad_row = 1/N (mean) or 1 (sum): exact up to this scale.
             gx_hat = gx_hat.mul_(grad_out)
             gw = gw.mul_(grad_out)
@@ -233,25 +255,19 @@ class MarginSoftmaxFunction(torch.autograd.Function):
                 gx_hat = torch.zeros(x_hat.shape, dtype=lse.dtype, device=x_hat.device)
                 gw = torch.zeros_like(w)
             else:
-                be = backends.loaded_backend(ctx.backend)
-                gx_hat, gw = be.grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row,
-                                      ctx.s, ctx.offset)
+                gx_hat, gw = ctx.opts.backend.grads(x_hat, w, w_inv, labels, lse, target_grad,
+                                                    grad_row, ctx.opts.s, ctx.opts.offset)
         return prologue.normalize_backward(x, x_inv, gx_hat), gw
 
 
-def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: str, m, s: float,
-                   margin_grad: str, reduction: str, ignore_index: int, offset: int = 0,
-                   group=None, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, opts: LossOptions) -> Tensor:
     """The loss over one class block through :class:`MarginSoftmaxFunction`.
 
     Args:
         x: (B, D) float embeddings; w: (C_local, D) float centres of the block
-            ``[offset, offset + C_local)``; labels: (B,) int32/int64, already validated.
-        backend: a name already resolved by :func:`backends.select_backend`.
-        margin, m: a margins.MARGINS name and its resolved parameter.
-        group: a process group whose ranks hold the other blocks, or None.
-        operand_dtype: x̂'s dtype in the class loop when not x's -- under autocast,
-            :func:`autocast_operand_dtype`, which the backend was selected for.
+            ``[opts.offset, opts.offset + C_local)``; labels: (B,) int32/int64, already
+            validated.
+        opts: the backend (resolved for these tensors) and the loss's options.
     Returns:
         The loss in the accumulation dtype ((B,) for ``reduction="none"``).
     """
@@ -259,5 +275,4 @@ def margin_softmax(x: Tensor, w: Tensor, labels: Tensor, backend: str, margin: s
     # needs_input_grad is True under torch.no_grad() too, where an eval-mode call would
     # form (and keep) the fused pass's gradients for nothing.
     need_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    return MarginSoftmaxFunction.apply(x, w, labels, backend, margin, m, s, margin_grad, reduction,
-                                       ignore_index, offset, group, need_grad, operand_dtype)[0]
+    return MarginSoftmaxFunction.apply(x, w, labels, opts, need_grad)[0]

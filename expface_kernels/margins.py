@@ -1,8 +1,12 @@
 """Margin functions ψ(c) and their derivatives ψ'(c), evaluated on the B target cosines.
 
-Every margin of DESIGN §1 lives here and only here: the class loop (B×C) never sees a
-margin, it receives the per-row target logit ``s·ψ(c_iy)`` and the gradient factor
-``∂z_iy/∂c_iy`` computed by :func:`target_terms`.
+The PyTorch definition of every margin of DESIGN §1. The class loop (B×C) never sees a
+margin: it receives the per-row target logit ``s·ψ(c_iy)`` and the gradient factor
+``∂z_iy/∂c_iy`` computed by :func:`target_terms` -- or by the extension's prologue op,
+which has its own C++ copy of ψ and ψ' (csrc/ek_math.h). A new margin therefore touches
+four files in two languages: this one, prologue.py (``MARGIN_CODES``), csrc/ek_math.h
+and the range check of csrc/ek_prologue.cpp; docs/backends.md has the checklist, and
+tests/test_prologue.py holds the two copies to the same numbers.
 
 All functions take a 1-D tensor of cosines (float32 or float64) and return the same
 shape and dtype.

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .api import FLOAT_DTYPES, margin_softmax_loss, validate_options
-from .margins import resolve_margin
+from .margins import MARGINS, resolve_margin
 
 INIT_STD = 0.01
 """weight ~ N(0, 0.01²), insightface's Partial FC initialisation. Only the direction of
@@ -69,29 +69,23 @@ class MarginSoftmaxLoss(nn.Module):
                 f"ignore_index={self.ignore_index}, backend={self.backend!r}")
 
 
-class ExpFaceLoss(MarginSoftmaxLoss):
-    """ExpFace head (s=64, m=0.7): target logit s·cos(π·(θ/π)^m)."""
+def _margin_head(name: str, margin: str, formula: str) -> type:
+    """A MarginSoftmaxLoss subclass fixed to one margin, whose ``m`` defaults to the
+    margin's default in margins.MARGINS: ``Name(num_classes, embedding_size, s=64.0,
+    m=default, **kw)``, keywords as :class:`MarginSoftmaxLoss`."""
+    default_m = MARGINS[margin].default
 
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.7, **kw):
-        super().__init__(num_classes, embedding_size, "expface", s=s, m=m, **kw)
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0,
+                 m: float = default_m, **kw):
+        MarginSoftmaxLoss.__init__(self, num_classes, embedding_size, margin, s=s, m=m, **kw)
 
-
-class ArcFaceLoss(MarginSoftmaxLoss):
-    """ArcFace head (s=64, m=0.5): target logit s·cos(θ + m)."""
-
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5, **kw):
-        super().__init__(num_classes, embedding_size, "arcface", s=s, m=m, **kw)
-
-
-class CosFaceLoss(MarginSoftmaxLoss):
-    """CosFace head (s=64, m=0.35): target logit s·(cos θ − m)."""
-
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, **kw):
-        super().__init__(num_classes, embedding_size, "cosface", s=s, m=m, **kw)
+    doc = f"{name[:-4]} head (s=64, m={default_m}): target logit {formula}."
+    __init__.__qualname__ = f"{name}.__init__"
+    return type(name, (MarginSoftmaxLoss,), {"__init__": __init__, "__doc__": doc,
+                                             "__module__": __name__, "__qualname__": name})
 
 
-class SphereFaceLoss(MarginSoftmaxLoss):
-    """SphereFace-R head (s=64, m=1.7): target logit s·((−1)^k cos(mθ) − 2k)."""
-
-    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 1.7, **kw):
-        super().__init__(num_classes, embedding_size, "sphereface", s=s, m=m, **kw)
+ExpFaceLoss = _margin_head("ExpFaceLoss", "expface", "s·cos(π·(θ/π)^m)")
+ArcFaceLoss = _margin_head("ArcFaceLoss", "arcface", "s·cos(θ + m)")
+CosFaceLoss = _margin_head("CosFaceLoss", "cosface", "s·(cos θ − m)")
+SphereFaceLoss = _margin_head("SphereFaceLoss", "sphereface", "s·((−1)^k cos(mθ) − 2k) (SphereFace-R)")

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import Backend
+from .contract import Backend
 from .margins import resolve_margin
-from .torch_math import acc_dtype, block_target_index, inv_norm, project_w_grad, put_target
+from .torch_math import NORM_EPS, acc_dtype, block_target_index, inv_norm, project_w_grad, put_target
 
 
 def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: str = "expface",
@@ -41,8 +41,8 @@ def reference_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: s
     """
     spec, mv = resolve_margin(margin, m)
     dt = compute_dtype or acc_dtype(embeddings, weight)
-    x_hat = F.normalize(embeddings.to(dt), dim=1, eps=1e-12)
-    w_hat = F.normalize(weight.to(dt), dim=1, eps=1e-12)
+    x_hat = F.normalize(embeddings.to(dt), dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(weight.to(dt), dim=1, eps=NORM_EPS)
     cos = x_hat @ w_hat.t()
     labels = labels.long()
     ignored = labels == ignore_index
@@ -65,7 +65,7 @@ def _block_cosines(x_hat: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
                  offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Contract primitive (see backends.py) over the whole (B, C_local) block at once."""
+    """Contract primitive (see contract.py) over the whole (B, C_local) block at once."""
     cos, w_inv, _ = _block_cosines(x_hat, w)
     z = s * cos
     in_block, col = block_target_index(labels, offset, w.shape[0])
@@ -76,7 +76,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
 
 def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
           target_grad: Tensor, grad_row: Tensor, s: float, offset: int) -> tuple[Tensor, Tensor]:
-    """Contract primitive (see backends.py): G = ∂L/∂c over the whole block at once."""
+    """Contract primitive (see contract.py): G = ∂L/∂c over the whole block at once."""
     acc = w_inv_norm.dtype
     w_acc = w.to(acc)
     cos = (x_hat.to(acc) @ w_acc.t()) * w_inv_norm

@@ -503,13 +503,17 @@ def test_await_collective_release():
     t = torch.ones(4)
     assert _await_collective_release([t], timeout_s=0.0)
     holder = [t[1:]]  # a view holds a C++ reference to its base: what gloo's work does
-    t0 = time.monotonic()
-    assert not _await_collective_release([t], timeout_s=0.05)
-    assert time.monotonic() - t0 >= 0.05
-    threading.Timer(0.05, holder.clear).start()  # the "worker" lets go later
-    t0 = time.monotonic()
-    assert _await_collective_release([t], timeout_s=10.0)
-    assert 0.04 <= time.monotonic() - t0 < 5.0
+    assert not _await_collective_release([t], timeout_s=0.05)  # still held: gives up
+    assert holder  # (and nothing let go meanwhile)
+    released = threading.Event()
+
+    def let_go():  # the "worker" lets go later (the event first: the wait ends at the clear)
+        released.set()
+        holder.clear()
+
+    threading.Timer(0.05, let_go).start()
+    assert _await_collective_release([t], timeout_s=60.0)
+    assert released.is_set()  # it returned because of the release, not before it
     # Not on the CPU (CUDA there): no wait, which would be a host sync.
     assert not _await_collective_release([torch.empty(4, device="meta")], timeout_s=10.0)
 

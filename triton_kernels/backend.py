@@ -9,7 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..backends import Backend
+from ..contract import Backend
 from . import ops
 from .lse_forward import _lse_partials_kernel
 
