@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import expface_kernels as ek  # noqa: E402
 from expface_kernels import backends, function, gemm_floor_model  # noqa: E402
+from expface_kernels.contract import Backend  # noqa: E402
 from expface_kernels.margins import MARGINS, resolve_margin  # noqa: E402
 
 NAME = "cutlass_check"
@@ -71,14 +72,15 @@ def install_backend(chunk: int) -> None:
     from expface_kernels import cutlass_backend
 
     be = cutlass_backend.BACKEND
-    backends._loaded[NAME] = backends.Backend(NAME, be.lse_partials, functools.partial(be.grads, chunk=chunk),
+    backends._loaded[NAME] = Backend(NAME, be.lse_partials, functools.partial(be.grads, chunk=chunk),
                                               be.unsupported_reasons)
 
 
 def run_loss(x, w, y, margin, m, margin_grad, s=64.0, reduction="mean"):
     _, mv = resolve_margin(margin, m)
     x.grad = w.grad = None
-    loss = function.margin_softmax(x, w, y, NAME, margin, mv, s, margin_grad, reduction, -1)
+    opts = function.LossOptions(backends._loaded[NAME], margin, mv, s, margin_grad, reduction, -1)
+    loss = function.margin_softmax(x, w, y, opts)
     loss.backward()
     return loss.detach(), x.grad.clone(), w.grad.clone()
 
@@ -135,8 +137,8 @@ def timing(rows: list, budget_s: float) -> None:
     install_backend(CHUNK)
     _, mv = resolve_margin("expface", None)
     # (not run_loss: its copies of the gradients would add a weight-sized copy to the time)
-    calls["cutlass"] = (lambda: function.margin_softmax(x, w, y, NAME, "expface", mv, 64.0, "exact", "mean",
-                                                        -1).backward(), [x, w])
+    opts = function.LossOptions(backends._loaded[NAME], "expface", mv, 64.0, "exact", "mean", -1)
+    calls["cutlass"] = (lambda: function.margin_softmax(x, w, y, opts).backward(), [x, w])
     usable, skipped = peers.resolve(["extension", "triton", "liger", "cce"], torch.device("cuda"))
     for name, cand in usable.items():
         prep = cand.prepare(x, w, y, cand.margin_for("expface"), None, 64.0)

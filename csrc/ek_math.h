@@ -3,7 +3,7 @@
 // CPU-only build (and CI, which has no GPU) exercises exactly the formulas the
 // GPU runs.  Everything here is branch-light scalar code marked EK_HD.
 //
-// Notation (the backend contract in expface_kernels/backends.py, DESIGN.md section 1):
+// Notation (the backend contract in expface_kernels/contract.py, DESIGN.md section 1):
 //   L_ij  = x_hat_i . W_j            (GEMM output, W raw, not normalised)
 //   winv_j = 1 / max(||W_j||, 1e-12)
 //   z_ij  = s * L_ij * winv_j        (non-target columns)

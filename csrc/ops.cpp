@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(expface_kernels, m) {
-  // Tensors as in the backend contract (expface_kernels/backends.py); block_bytes bounds
+  // Tensors as in the backend contract (expface_kernels/contract.py); block_bytes bounds
   // the logits buffer (0 = default: EXPFACE_EXT_BLOCK_BYTES, else 32 MiB on CPU and
   // chunks of 24576 classes on CUDA, see csrc/ek_driver.cpp).
   m.def(

@@ -1,6 +1,6 @@
 """The ``cutlass`` backend: the fused sm_90a GEMMs of csrc/cutlass/ (an opt-in build).
 
-The kernels compute the contract's two primitives (backends.py) as four GEMMs with
+The kernels compute the contract's two primitives (contract.py) as four GEMMs with
 their elementwise work in the epilogues; expface_kernels/gemm_floor_model.py is their
 executable specification. Their ops (``torch.ops.expface_cutlass``) exist only where
 the package was built with them (module ``expface_kernels._cutlass``) or a script has
@@ -11,7 +11,7 @@ Where the fixed offset of gemm_floor_model.fixed_offset does not exist (s + ln C
 large for fp32 without a running max), ``lse_partials`` takes the running-max kernels
 of the ``extension`` backend.
 
-Shapes as backends.py; x_hat and w both bfloat16 or both float16, D a multiple of 8,
+Shapes as contract.py; x_hat and w both bfloat16 or both float16, D a multiple of 8,
 CUDA tensors on a device of capability 9.0 (the sm_90a code runs nowhere else).
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import backends, gemm_floor_model
-from .backends import Backend
+from .contract import Backend
 
 OPS_MODULE = "expface_kernels._cutlass"
 

@@ -3,7 +3,7 @@
 This module is the executable specification of csrc/cutlass/: it does, in PyTorch and
 in whatever dtype it is given (float64 in the tests), exactly the arithmetic of the four
 fused kernels, tile by tile and chunk by chunk, so that the decomposition can be held
-against the reference on a CPU. It is a backend of the contract in backends.py
+against the reference on a CPU. It is a backend of the contract in contract.py
 (``BACKEND``), so the tests run it under the package's own autograd.Function, prologue
 and margins; it is not registered for users (it is slow, and the reference serves).
 
@@ -49,7 +49,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import Backend
+from .contract import Backend
 from .torch_math import NORM_EPS, acc_dtype, block_target_index, inv_norm, merge_partials, put_target
 
 LN_SUM_MAX = 88.0
@@ -93,7 +93,7 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
                  offset: int, *, fixed: Union[str, float, None] = "auto",
                  sum_dtype: Optional[torch.dtype] = None,
                  tile_n: int = FORWARD_TILE_N) -> tuple[Tensor, Tensor, Tensor]:
-    """Contract primitive (backends.py), as kernel 1 computes it.
+    """Contract primitive (contract.py), as kernel 1 computes it.
 
     Args:
         fixed: "auto" takes :func:`fixed_offset` (s, C_local) and falls back to the
@@ -166,7 +166,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
           target_grad: Tensor, grad_row: Tensor, s: float, offset: int, *,
           chunk: int = BACKWARD_CHUNK,
           store_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    """Contract primitive (backends.py), as kernels 2-4 compute it, chunk by chunk.
+    """Contract primitive (contract.py), as kernels 2-4 compute it, chunk by chunk.
 
     Args:
         chunk: classes per recompute chunk; store_dtype: G''s storage dtype (None: acc).

@@ -64,3 +64,9 @@ def project_w_grad(g_scaled: Tensor, w: Tensor, w_inv: Tensor) -> Tensor:
     radial = torch.where((w_inv < 1.0 / NORM_EPS).unsqueeze(1), radial, torch.zeros_like(radial))
     return g_scaled - w_hat * radial
 
+
+
+def merge_partials(row_max: Tensor, row_sumexp: Tensor) -> Tensor:
+    """lse (B,) from per-split partials (S, B): M = max_s m_s, S = Σ_s S_s·exp(m_s − M)."""
+    m = row_max.amax(0)
+    return m + torch.log((row_sumexp * torch.exp(row_max - m)).sum(0))

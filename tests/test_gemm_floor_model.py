@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from expface_kernels import backends, function, gemm_floor_model as gfm, reference
+from expface_kernels.contract import Backend
 from expface_kernels.margins import resolve_margin
 from expface_kernels.torch_math import inv_norm
 
@@ -25,7 +26,7 @@ def model_backend(monkeypatch):
     """Installs the model, with small tiles and chunks, under a test-only backend name."""
 
     def install(tile_n=4, chunk=3, fixed="auto", store_dtype=None):
-        be = backends.Backend(NAME,
+        be = Backend(NAME,
                               functools.partial(gfm.lse_partials, tile_n=tile_n, fixed=fixed),
                               functools.partial(gfm.grads, chunk=chunk, store_dtype=store_dtype),
                               gfm._unsupported)
@@ -37,8 +38,8 @@ def model_backend(monkeypatch):
 def run_model(x, w, y, margin="expface", m=None, *, s=64.0, margin_grad="exact",
               reduction="mean", ignore_index=-1):
     _, mv = resolve_margin(margin, m)
-    return loss_and_grads(lambda: function.margin_softmax(
-        x, w, y, NAME, margin, mv, s, margin_grad, reduction, ignore_index), x, w)
+    opts = function.LossOptions(backends._loaded[NAME], margin, mv, s, margin_grad, reduction, ignore_index)
+    return loss_and_grads(lambda: function.margin_softmax(x, w, y, opts), x, w)
 
 
 def assert_truth(got, truth, tol=1e-10):

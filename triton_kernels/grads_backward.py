@@ -338,7 +338,7 @@ def chunk_plan(B: int, C: int, D: int, g_elem: int, cfg: configs.GradsConfig
 def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Tensor,
           target_grad: Tensor, grad_row: Tensor, s: float, offset: int,
           config: configs.GradsConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Contract primitive ``grads`` (see expface_kernels/backends.py).
+    """Contract primitive ``grads`` (see expface_kernels/contract.py).
 
     Args:
         x_hat: (B, D) fp16/bf16/fp32 normalised embeddings.

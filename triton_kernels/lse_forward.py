@@ -183,7 +183,7 @@ def split_plan(B: int, C: int, cfg: configs.ForwardConfig) -> tuple[int, int, in
 def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor, s: float,
                  offset: int, config: configs.ForwardConfig | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Contract primitive ``lse_partials`` (see expface_kernels/backends.py).
+    """Contract primitive ``lse_partials`` (see expface_kernels/contract.py).
 
     Args:
         x_hat: (B, D) fp16/bf16/fp32, normalised embeddings.

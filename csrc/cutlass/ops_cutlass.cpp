@@ -1,5 +1,5 @@
 // Torch glue of the fused CUTLASS kernels: the backend contract's two primitives
-// (expface_kernels/backends.py) on CUDA tensors, as ops of the library `expface_cutlass`.
+// (expface_kernels/contract.py) on CUDA tensors, as ops of the library `expface_cutlass`.
 //
 //   lse_partials(x_hat, w, target_logit, labels, s, offset, o) -> (row_max, row_sumexp, w_inv)
 //   grads(x_hat, w, w_inv, labels, lse, target_grad, grad_row, s, offset, chunk) -> (grad_x, grad_w)
