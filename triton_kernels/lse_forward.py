@@ -104,8 +104,11 @@ def _lse_partials_kernel(
                          input_precision=INPUT_PRECISION)
         if NORMS_IN_LOOP:
             inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-            # Every row tile computes the same norms; one writes them (no duplicate stores).
-            tl.store(winv_ptr + cols64, inv, mask=col_ok & (pid_m == 0))
+            # Every row tile computes the same norms; one writes them (no duplicate
+            # stores). A branch, not the mask `col_ok & (pid_m == 0)`, which Triton 3.9's
+            # interpreter refuses (common.py, "Masks").
+            if pid_m == 0:
+                tl.store(winv_ptr + cols64, inv, mask=col_ok)
         else:
             inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
         # z2 = c * s * log2(e): one FMUL a logit. The margin's target logit is substituted
