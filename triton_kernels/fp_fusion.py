@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--C", type=int, default=1 << 20)
     p.add_argument("--D", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16-fp32", "fp32"])
-    p.add_argument("--s", type=float, nargs="+", default=[16.0, 64.0, 256.0])
+    p.add_argument("--s", type=float, nargs="+", default=None,
+                   help="scales: the rounding table's (default 16 64 256), or --time's (the first; default 64)")
     args = p.parse_args(argv)
     if args.time:
         import torch
@@ -153,16 +154,17 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("fp_fusion --time needs a CUDA device", file=sys.stderr)
             return 2
+        s = args.s[0] if args.s else 64.0
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, "
-              f"B={args.B} C={args.C} D={args.D} {args.dtype}, s={args.s[0]:g}")
+              f"B={args.B} C={args.C} D={args.D} {args.dtype}, s={s:g}")
         print("| primitive | fp fusion | median ms | p20 | p80 |\n|---|---|---|---|---|")
-        for r in time_both(args.B, args.C, args.D, args.dtype, args.s[0]):
+        for r in time_both(args.B, args.C, args.D, args.dtype, s):
             print(f"| {r['primitive']} | {'on' if r['fp_fusion'] else 'off'} | {r['ms']:.3f} | "
                   f"{r['p20']:.3f} | {r['p80']:.3f} |")
         return 0
     print("| regime | s | unfused: sum|dp|/sum p | fused | unfused: max rel. | fused |\n|---|---|---|---|---|---|")
     for regime in ("random", "trained"):
-        for s in args.s:
+        for s in args.s or (16.0, 64.0, 256.0):
             r = exponent_rounding(s, regime)
             print(f"| {regime} | {s:g} | {r['unfused'][0]:.1e} | {r['fused'][0]:.1e} | "
                   f"{r['unfused'][1]:.1e} | {r['fused'][1]:.1e} |")
