@@ -19,6 +19,16 @@ Every accumulator (GEMM, row max / sum-exp, gradients) is fp32.
 The epilogues work in log2 units (z * log2(e)), so that each e^(z - m) is one 2^x: on a
 GPU one ``ex2.approx.ftz.f32`` (``exp2``), the same instruction CUDA's ``exp2f`` fast path
 and the extension's tile epilogues use.
+
+Masks: every load / store mask is a compare of tensors, or such compares combined with
+``&`` -- never combined with a compare of two scalars (``pid_m == 0``); a condition on
+scalars is a branch around the access instead. A Triton interpreter bug, not a GPU one:
+the interpreter gives a compare the numpy dtype of its operands, so a scalar compare
+broadcast against a tensor becomes an int32 array, and ``bool & int32`` stays int32.
+Triton 3.6-3.8's interpreter converted such a mask to bool when it loaded or stored;
+3.9's (its C++ bindings moved from pybind11 to nanobind, triton-lang/triton#10283)
+refuses it: "ValueError: mask has unsupported dtype". The compiled kernel was right
+either way (the mask is i1 there), and the branch costs a GPU nothing.
 """
 
 from __future__ import annotations

@@ -2,15 +2,24 @@
 
     python -m expface_kernels.triton_kernels.compile_check [--arch 90 80 86]
         [--dtypes bf16 fp16-fp32 fp32] [--B 1024] [--C 1048576] [--D 512]
+        [--candidates] [--fp-fusion on off]
 
 Runs on a machine without a GPU (TRITON_INTERPRET must be unset): Triton compiles each
 kernel with the launch config that configs.py would pick for that device kind, shape and
-dtype, for the target sm_XX, and the ptxas bundled with Triton reports registers and
-spills. Printed per kernel: shared memory per program (limit: 227 KB sm_90, 163 KB
-sm_80, 99 KB sm_86), registers per thread (255 max), spill bytes (want 0), and the count
-of cp.async / TMA copies in the TTGIR (0 means the GEMM loads were not software-
-pipelined). A ptxas performance advisory fails the check: (C7515) "wgmma.mma_async instructions are serialized" means each wgmma of the
+dtype, for the target sm_XX, with the ``enable_fp_fusion`` the launches pass
+(configs.fp_fusion(); ``--fp-fusion on off`` compiles both). Printed per kernel: shared
+memory per program (limit: 227 KB sm_90, 163 KB sm_80, 99 KB sm_86), registers per thread
+(255 max), spill bytes and the local-memory instructions inside loops (want 0), the
+count of cp.async / TMA copies in the TTGIR (0 means the GEMM loads were not software-
+pipelined), and the FFMA and total SASS instructions. A ptxas performance advisory fails
+the check: (C7515) "wgmma.mma_async instructions are serialized" means each wgmma of the
 kernel waits for the one before (triton_kernels/README.md "Tried": a fused G/dW kernel).
+
+Registers and spills are read from the cubin Triton built (the CUDA tools bundled with
+Triton, from the directory of the ptxas Triton uses for that sm_XX: Triton 3.9 compiles
+sm_90 with its newer "ptxas-blackwell", whose PTX the older ptxas rejects). A tool that
+fails or prints something this module cannot read raises CompileCheckError (exit 2), never
+a made-up number.
 
 Alignment: the launch specialises 16-byte-aligned pointers and integers divisible by 16
 (D = 512, strides, B); the compile here assumes the same, as a real launch at the
@@ -37,44 +46,107 @@ _PAIRS = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torc
 _DIV16 = ("B", "D")
 
 
-def _ptxas() -> str:
-    import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+class CompileCheckError(RuntimeError):
+    """A bundled CUDA tool failed, is missing, or printed something this module cannot read."""
 
 
-def compile_one(fn, sig: dict, const: dict, cap: int, tile) -> dict:
-    """Compile ``fn`` for sm_``cap``; returns shared bytes, registers, spills, async copies."""
-    import triton
+def cuda_tool(cap: int, name: str) -> str:
+    """Path of a CUDA tool bundled with Triton: the ptxas Triton itself runs for sm_``cap``
+    (triton.backends.nvidia.compiler.get_ptxas, in Triton 3.6-3.9), or ``name`` (nvdisasm,
+    cuobjdump) from the same directory."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(cap).path
+    return ptxas if name == "ptxas" else os.path.join(os.path.dirname(ptxas), name)
+
+
+def _run_tool(cmd: list[str], what: str, data: bytes | str, suffix: str) -> subprocess.CompletedProcess:
+    """Run ``cmd + [file holding data]``; CompileCheckError unless it exits 0."""
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with tempfile.NamedTemporaryFile(mode, suffix=suffix, delete=False) as f:
+        f.write(data)
+    try:
+        proc = subprocess.run([*cmd, f.name], capture_output=True, text=True)
+    except OSError as e:
+        raise CompileCheckError(f"compile_check: missing tool: cannot run {cmd[0]} ({e})") from e
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise CompileCheckError(f"compile_check: {what} failed (exit {proc.returncode}): {tail}")
+    return proc
+
+
+def resource_usage(cuobjdump_out: str) -> dict:
+    """Registers per thread and stack bytes of the one kernel in ``cuobjdump
+    --dump-resource-usage`` output ("REG:255 STACK:8 SHARED:1024 LOCAL:0 ...")."""
+    m = re.findall(r"\bREG:(\d+) STACK:(\d+)", cuobjdump_out)
+    if len(m) != 1:
+        raise CompileCheckError("compile_check: cannot read the registers from cuobjdump's resource "
+                                f"usage (expected one 'REG:n STACK:n', got {len(m)}): {cuobjdump_out.strip()[:300]}")
+    return {"registers": int(m[0][0]), "stack_bytes": int(m[0][1])}
+
+
+def local_memory(sass: str) -> dict:
+    """Spills in SASS: ``spill_bytes``, the bytes the local stores (STL, STL.64, STL.128)
+    write -- what ``ptxas -v`` calls "bytes spill stores" for kernels without local arrays,
+    such as these -- and ``loop_spills``, the local loads and stores inside a loop, which
+    run every iteration (the ones outside run once per program: the forward on sm_90
+    with Triton 3.9 spills two loop-invariant words before its tile loop and reloads them
+    after it)."""
+    lines = sass.splitlines()
+    spill = sum(int(m.group(1) or 32) // 8 for ln in lines for m in re.finditer(r"\bSTL(?:\.(\d+))?\b", ln))
+    inside = set()
+    for a, b in _loops(lines):
+        inside.update(i for i in range(a, b + 1) if re.search(r"\b(?:STL|LDL)\b", lines[i]))
+    return {"spill_bytes": spill, "loop_spills": len(inside)}
+
+
+def fp_ops(sass: str) -> dict:
+    """FFMA and all SASS instructions of a kernel (what FP fusion changes)."""
+    return {"ffma": len(re.findall(r"\bFFMA\b", sass)),
+            "sass": sum(bool(re.search(r"/\*[0-9a-f]{4,}\*/", ln)) for ln in sass.splitlines())}
+
+
+def compile_one(fn, sig: dict, const: dict, cap: int, tile, fp_fusion_on: bool | None = None) -> dict:
+    """Compile ``fn`` for sm_``cap``; returns shared bytes, registers, spills, async copies,
+    ring depth, ptxas advisories, MMA loops, FFMA count. ``fp_fusion_on``: the launches'
+    setting (configs.fp_fusion()) when None."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .configs import fp_fusion
+    fuse = fp_fusion() if fp_fusion_on is None else fp_fusion_on
     names = list(sig)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n.startswith("stride") or n in _DIV16}
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
-                       options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+                       options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages,
+                                    enable_fp_fusion=fuse))
     ttgir = k.asm["ttgir"]
     # Pipelined GEMM loads: cp.async copies (or TMA copies, should a kernel use them).
-    out = {"shared": k.metadata.shared,
+    out = {"shared": k.metadata.shared, "fp_fusion": fuse,
            "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
            "launch_warps": k.metadata.num_warps}
     out.update(ring_hazard(ttgir, tile.num_stages))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    try:
-        arch = "sm_90a" if cap == 90 else f"sm_{cap}"
-        err = subprocess.run([_ptxas(), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
-    finally:
-        os.unlink(f.name)
-    regs = re.findall(r"Used (\d+) registers", err)
-    spills = re.findall(r"(\d+) bytes spill stores", err)
-    out["ptxas_advisories"] = ptxas_advisories(err)
-    out["registers"] = int(regs[0]) if regs else -1
-    out["spill_bytes"] = int(spills[0]) if spills else -1
+    cubin = k.asm["cubin"]
+    out.update(resource_usage(_run_tool([cuda_tool(cap, "cuobjdump"), "--dump-resource-usage"],
+                                        "cuobjdump --dump-resource-usage", cubin, ".cubin").stdout))
+    sass = _run_tool([cuda_tool(cap, "nvdisasm"), "-c"], "nvdisasm", cubin, ".cubin").stdout
+    if not re.search(r"/\*[0-9a-f]{4,}\*/", sass):
+        raise CompileCheckError(f"compile_check: nvdisasm printed no instructions: {sass.strip()[:300]}")
+    out.update(local_memory(sass))
+    out.update(fp_ops(sass))
+    # The advisories exist only in ptxas's log: the PTX again through the same ptxas, with
+    # the fmad setting Triton gave it.
+    arch = "sm_90a" if cap == 90 else f"sm_{cap}"
+    log = _run_tool([cuda_tool(cap, "ptxas"), f"-arch={arch}", "-v", *([] if fuse else ["--fmad=false"]),
+                     "-o", os.devnull], f"ptxas -arch={arch}", k.asm["ptx"], ".ptx").stderr
+    if not re.search(r"Used \d+ registers", log):
+        raise CompileCheckError(f"compile_check: cannot read ptxas -v output: {log.strip()[:300]}")
+    out["ptxas_advisories"] = ptxas_advisories(log)
     warps = out["launch_warps"]
     out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared"], warps, cap)
-    out["mma_loops"] = mma_loops(_disassemble(k.asm["cubin"]), warps, cap)
+    out["mma_loops"] = mma_loops(sass, warps, cap)
     return out
 
 
@@ -82,19 +154,6 @@ def ptxas_advisories(ptxas_log: str) -> list[tuple[str, str]]:
     """(code, message) of each "Potential Performance Loss" line of ``ptxas -v`` output,
     e.g. ("C7515", "wgmma.mma_async instructions are serialized due to ...")."""
     return re.findall(r"\((C\d+)\) Potential Performance Loss: (.*?) in the function", ptxas_log)
-
-
-def _disassemble(cubin: bytes) -> str:
-    """SASS of a cubin (nvdisasm bundled with Triton); '' when it cannot be run."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        tool = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
-        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
-    finally:
-        os.unlink(f.name)
 
 
 # Dense tensor-core FLOPs per clock per SM: H100/H200 989 TFLOP/s bf16 at 1.83 GHz on
@@ -116,6 +175,18 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, cap: int) -> int:
                       _MAX_WARPS_PER_SM.get(cap, 48) // num_warps))
 
 
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of each SASS loop: a label and a later branch back to it."""
+    label_at = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
+    loops = []
+    for i, ln in enumerate(lines):
+        # "BRA `(.L_x_3)", "@!P0 BRA `(.L_x_3)", "@!P0 BRA P1, `(.L_x_3)"
+        m = re.search(r"\bBRA\b[^;]*?`?\((\.L_x_\d+)\)", ln)
+        if m and m.group(1) in label_at and label_at[m.group(1)] < i:
+            loops.append((label_at[m.group(1)], i))
+    return loops
+
+
 def mma_loops(sass: str, num_warps: int, cap: int) -> list[dict]:
     """The innermost SASS loops that issue tensor-core instructions, each with its
     instruction count per iteration and ``issue_ratio``: the issue cycles the loop's
@@ -125,12 +196,7 @@ def mma_loops(sass: str, num_warps: int, cap: int) -> list[dict]:
     form, 283 instructions per 64-class step: issue ratio 1.1; with W fed from shared
     memory, 162: 0.63 -- sm_90, bf16, 8 warps, Triton 3.8)."""
     lines = sass.splitlines()
-    label_at = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
-    loops = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `?\((\.L_x_\d+)\)", ln)
-        if m and m.group(1) in label_at and label_at[m.group(1)] < i:
-            loops.append((label_at[m.group(1)], i))
+    loops = _loops(lines)
     out = []
     for a, b in loops:
         if any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops):
@@ -198,9 +264,11 @@ def _merged_tile(a, b):
                     min(a.num_stages, b.num_stages))
 
 
-def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False) -> list[dict]:
+def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False,
+          fp_fusion_on: bool | None = None) -> list[dict]:
     """Compile the kernels for (sm_cap, dtype pair, shape) with configs.py's choices (and,
-    with ``candidates``, every autotune candidate; each distinct kernel once)."""
+    with ``candidates``, every autotune candidate; each distinct kernel once), with FP
+    fusion as the launches set it (``fp_fusion_on`` None) or on / off."""
     from . import configs, grads_backward as gb, lse_forward as lf
     from .common import dot_dtype, dot_kind
 
@@ -274,7 +342,7 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
         if "DOT_KIND" in fn.arg_names:
             sig.update(DOT_KIND="constexpr", INPUT_PRECISION="constexpr")
             const.update(DOT_KIND=dot_kind(dd), INPUT_PRECISION=prec)
-        r = compile_one(fn, sig, const, cap, tile)
+        r = compile_one(fn, sig, const, cap, tile, fp_fusion_on)
         shown = f"{tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_K}" + extra
         r.update(kernel=name, arch=f"sm_{cap}", dtypes=pair, tile=shown,
                  warps=tile.num_warps, stages=tile.num_stages, smem_limit=smem_limit, constexprs=blocks)
@@ -282,20 +350,23 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False)
     return rows
 
 
-def _loops(loops: list[dict]) -> str:
+def _loops_text(loops: list[dict]) -> str:
     return ", ".join(f"{lp['instructions']}/" + (f"{lp['issue_ratio']:.2f}" if lp["issue_ratio"] else "?")
                      for lp in loops) or "-"
 
 
 def check_failure(r: dict) -> str:
     """Why one compiled kernel (a :func:`check` row) fails, the most specific reason
-    first; '' when it passes: no spill, shared memory within the limit, pipelined loads,
-    no ring hazard, no ptxas advisory."""
+    first; '' when it passes: no local-memory access inside a loop, shared memory within
+    the limit, pipelined loads, no ring hazard, no ptxas advisory. Spills outside every
+    loop (run once per program) are printed but pass."""
     if r["ring_hazard"]:
         return "ring shallower than the stages with a wgmma in flight"
     if r["ptxas_advisories"]:
         return "ptxas " + "; ".join(f"{code}: {msg}" for code, msg in r["ptxas_advisories"])
-    if r["spill_bytes"] != 0 or r["shared"] > r["smem_limit"] or r["async_copies"] <= 0:
+    if r["loop_spills"]:
+        return f"{r['loop_spills']} local-memory instructions inside loops (spills)"
+    if r["shared"] > r["smem_limit"] or r["async_copies"] <= 0:
         return "check"
     return ""
 
@@ -309,23 +380,35 @@ def main(argv=None) -> int:
     p.add_argument("--D", type=int, default=512)
     p.add_argument("--candidates", action="store_true",
                    help="also every autotune candidate (configs.forward_candidates / grads_candidates)")
+    p.add_argument("--fp-fusion", nargs="+", choices=["on", "off"], default=None,
+                   help="compile with enable_fp_fusion on and/or off (default: as the launches, "
+                        "configs.fp_fusion())")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
         return 2
+    fusions = [None] if args.fp_fusion is None else [f == "on" for f in args.fp_fusion]
     bad = 0
-    print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill async ring "
-          f"CTA/SM  MMA loops (SASS instructions per iteration / issue ratio)")
-    for cap in args.arch:
-        for pair in args.dtypes:
-            for r in check(cap, pair, args.B, args.C, args.D, args.candidates):
-                failure = check_failure(r)
-                bad += bool(failure)
-                why = f"  <-- {failure}" if failure else ""
-                print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
-                      f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
-                      f"{r['async_copies']:5d} {r['ring']:4d} {r['ctas_per_sm']:6d}  {_loops(r['mma_loops'])}{why}",
-                      flush=True)
+    try:
+        print(f"Triton {triton.__version__}, ptxas for " + ", ".join(
+            f"sm_{cap}: {os.path.basename(cuda_tool(cap, 'ptxas'))}" for cap in args.arch))
+        print(f"{'kernel':23s} {'arch':6s} {'dtypes':10s} {'tile':24s} w  s  {'smem KB':>8s} regs spill "
+              f"loop async ring CTA/SM fuse  FFMA  SASS  MMA loops (SASS instructions per iteration / issue ratio)")
+        for cap in args.arch:
+            for pair in args.dtypes:
+                for fuse in fusions:
+                    for r in check(cap, pair, args.B, args.C, args.D, args.candidates, fuse):
+                        failure = check_failure(r)
+                        bad += bool(failure)
+                        why = f"  <-- {failure}" if failure else ""
+                        print(f"{r['kernel']:23s} {r['arch']:6s} {r['dtypes']:10s} {r['tile']:24s} {r['warps']}  "
+                              f"{r['stages']}  {r['shared'] / 1024:8.1f} {r['registers']:4d} {r['spill_bytes']:5d} "
+                              f"{r['loop_spills']:4d} {r['async_copies']:5d} {r['ring']:4d} {r['ctas_per_sm']:6d} "
+                              f"{'on ' if r['fp_fusion'] else 'off'} {r['ffma']:5d} {r['sass']:5d}  "
+                              f"{_loops_text(r['mma_loops'])}{why}", flush=True)
+    except CompileCheckError as e:
+        print(e, file=sys.stderr)
+        return 2
     return 1 if bad else 0
 
 

@@ -6,6 +6,7 @@ deterministic (the same config for the same (device, B, C, D, dtype), hence the 
 rounding). ``EXPFACE_TRITON_AUTOTUNE=1`` times the candidates at the end of this file
 on the first call of each shape bucket instead (autotune.py).
 Set ``EXPFACE_TRITON_G_BUDGET_MB`` to change the backward's logits-block budget.
+``EXPFACE_TRITON_FP_FUSION=0`` compiles the kernels without FMA contraction (fp_fusion()).
 
 Device kinds
     ``interpreter``  TRITON_INTERPRET=1 (CPU): exact fp32, numpy per program. Few,
@@ -34,6 +35,28 @@ import torch
 def interpreter_active() -> bool:
     """True when Triton was asked to run kernels on the CPU (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+FP_FUSION_ENV = "EXPFACE_TRITON_FP_FUSION"
+
+
+def fp_fusion() -> bool:
+    """The ``enable_fp_fusion`` every launch passes: True unless EXPFACE_TRITON_FP_FUSION is
+    "0" or empty (read at each launch, so that one process can time both settings).
+
+    With it on, LLVM and ptxas may contract an fp32 multiply and the add that uses it into
+    one FMA. Triton's own default is on up to 3.9 and off from 3.10; passing it on every
+    launch keeps the kernels' rounding and instructions what was measured. On, because
+    (triton_kernels/README.md, "FP fusion"; compile_check --fp-fusion on off, sm_90 and
+    sm_80, Triton 3.6 and 3.9): the G kernel's per-logit exponent ``acc * a - lse2`` and
+    the dW projection become FMAs -- 6-10% fewer SASS instructions in the G kernel, ~3% in
+    the dW/dX kernel, epilogues bound by instruction issue -- and so does the in-loop
+    sum of W's squares (the forward's K loop on sm_80 and for fp16/fp32 on sm_90: 131 vs
+    145 instructions a step); and the fused exponent is rounded once, after the
+    subtraction, over 10x closer to float64 for the probabilities that carry the gradient
+    at s = 64 (fp_fusion.exponent_rounding). The forward's epilogue is the same either way
+    (``z = acc * a`` also feeds the row max: a product with two uses is not contracted)."""
+    return os.environ.get(FP_FUSION_ENV, "1") not in ("", "0")
 
 
 def _next_pow2(n: int) -> int:

@@ -385,6 +385,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
     cfg = config or configs.grads_config(dev, B, C, D, dd, lb)
     g_elem = torch.empty((), dtype=dd).element_size()
     scale_g = scales_g(cfg, dd)
+    fuse = configs.fp_fusion()  # explicit on every launch: Triton's default changes in 3.10
     chunk, splits, per = chunk_plan(B, C, D, g_elem, cfg)
     chunk = min(chunk, C)
 
@@ -414,7 +415,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
             BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
             DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0, SCALE_G=scale_g,
             FAST_EXP2=fast_exp2(dev), EVEN_K=D % tg.BLOCK_K == 0,
-            num_warps=tg.num_warps, num_stages=tg.num_stages,
+            num_warps=tg.num_warps, num_stages=tg.num_stages, enable_fp_fusion=fuse,
         )
         n_dx = dx_feat * dx_rows * triton.cdiv(cn, per)
         n_dw = triton.cdiv(cn, tw.BLOCK_M) * dw_feat
@@ -432,6 +433,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
             DX_EVEN=(cn % tx.BLOCK_K == 0) and (D % tx.BLOCK_M == 0) and (B % tx.BLOCK_N == 0),
             # one config for both tile kinds: the larger warp count, the smaller stage count
             num_warps=max(tw.num_warps, tx.num_warps), num_stages=min(tw.num_stages, tx.num_stages),
+            enable_fp_fusion=fuse,
         )
     grad_x = part.view(B, D) if splits == 1 else part.sum(0)
     return grad_x, grad_w

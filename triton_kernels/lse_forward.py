@@ -104,8 +104,11 @@ def _lse_partials_kernel(
                          input_precision=INPUT_PRECISION)
         if NORMS_IN_LOOP:
             inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-            # Every row tile computes the same norms; one writes them (no duplicate stores).
-            tl.store(winv_ptr + cols64, inv, mask=col_ok & (pid_m == 0))
+            # Every row tile computes the same norms; one writes them (no duplicate
+            # stores). A branch, not the mask `col_ok & (pid_m == 0)`, which Triton 3.9's
+            # interpreter refuses (common.py, "Masks").
+            if pid_m == 0:
+                tl.store(winv_ptr + cols64, inv, mask=col_ok)
         else:
             inv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
         # z2 = c * s * log2(e): one FMUL a logit. The margin's target logit is substituted
@@ -222,12 +225,13 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
             lambda cfg: lse_partials(x_hat, w, target_logit, labels, s, offset, config=cfg))
     cfg = config or configs.forward_config(dev, B, C, D, dd, lb)
     row_tiles, splits, per = split_plan(B, C, cfg)
+    fuse = configs.fp_fusion()  # explicit on every launch: Triton's default changes in 3.10
     pmax = torch.empty((splits, B), dtype=f32, device=dev)
     psum = torch.empty((splits, B), dtype=f32, device=dev)
     if not cfg.norms_in_loop:
         _row_inv_norm_kernel[(triton.cdiv(C, 32),)](w, w_inv, C, D, w.stride(0), BLOCK_C=32,
                                                     BLOCK_D=min(128, triton.next_power_of_2(D)),
-                                                    num_warps=4)
+                                                    num_warps=4, enable_fp_fusion=fuse)
     t = cfg.tile
     _lse_partials_kernel[(row_tiles * splits,)](
         x_hat, w, target_logit, labels, pmax, psum, w_inv,
@@ -237,12 +241,12 @@ def lse_partials(x_hat: Tensor, w: Tensor, target_logit: Tensor, labels: Tensor,
         BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K,
         DOT_KIND=dot_kind(dd), INPUT_PRECISION=configs.dot_input_precision(dd, dev),
         NORMS_IN_LOOP=cfg.norms_in_loop, FAST_EXP2=fast_exp2(dev), EVEN_K=D % t.BLOCK_K == 0,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.num_warps, num_stages=t.num_stages, enable_fp_fusion=fuse,
     )
     if splits == 1:
         return pmax.view(B), psum.view(B), w_inv
     fin = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
     _lse_finalize_kernel[(triton.cdiv(B, fin),)](pmax, psum, row_max, row_sum, B, splits,
-                                                 BLOCK=fin, num_warps=4)
+                                                 BLOCK=fin, num_warps=4, enable_fp_fusion=fuse)
     return row_max, row_sum, w_inv
 
