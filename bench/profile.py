@@ -277,8 +277,7 @@ def describe(cfg) -> str:
     if hasattr(cfg, "tile"):
         return (f"tile {tile(cfg.tile)}, {cfg.target_programs} programs, norms "
                 f"{'in loop' if cfg.norms_in_loop else 'separate pass'}")
-    knobs = ("" if cfg.scale_g else ", G unscaled (dX scales W in registers)") + \
-        (f", persistent G ({cfg.g_programs} programs)" if cfg.g_programs else "")
+    knobs = "" if cfg.scale_g else ", G unscaled (dX scales W in registers)"
     return (f"G {tile(cfg.g_tile)}, dW {tile(cfg.dw_tile)}, dX {tile(cfg.dx_tile)}, "
             f"chunk {cfg.chunk_bytes / 2**20:g} MiB, dX partials {cfg.max_dx_partial_bytes / 2**20:g} MiB"
             + knobs)

@@ -321,7 +321,7 @@ def check(cap: int, pair: str, B: int, C: int, D: int, candidates: bool = False,
         scale_g = gb.scales_g(gcfg, dd)
         jobs.append(("grad_logits", gb._grad_logits_kernel, g, grad_logits_sig,
                      dict(BLOCK_C=g.BLOCK_M, BLOCK_B=g.BLOCK_N, BLOCK_K=g.BLOCK_K,
-                          PERSISTENT=gcfg.g_programs > 0, SCALE_G=scale_g, FAST_EXP2=True,
+                          SCALE_G=scale_g, FAST_EXP2=True,
                           EVEN_K=D % g.BLOCK_K == 0), ""))
         jobs.append(("grad_wx", gb._grad_wx_kernel, _merged_tile(dw, dx), grad_wx_sig,
                      dict(DW_C=dw.BLOCK_M, DW_D=dw.BLOCK_N, DW_K=dw.BLOCK_K,

@@ -107,7 +107,6 @@ class GradsConfig:
     target_programs: grid size the dx kernel's split-K aims at (its output B x D is
         small: without splitting the classes it would occupy a handful of SMs).
     max_dx_partial_bytes: cap of the (splits, B, D) fp32 grad_x partial buffers.
-    g_programs: programs of the persistent G kernel (0: one per tile).
     scale_g: the G buffer holds G_ij / ||W_j|| (bf16 and fp32 operands; fp16 keeps G for
         its range), so that the dX GEMM multiplies raw W tiles -- for a 16-bit W straight
         from shared memory -- instead of normalising each W tile in registers first
@@ -120,7 +119,6 @@ class GradsConfig:
     chunk_bytes: int
     target_programs: int
     max_dx_partial_bytes: int
-    g_programs: int = 0
     scale_g: bool = True
 
 
@@ -215,20 +213,17 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
             tile = GemmTile(bm, 256, 64, 8, 3)
         else:
             tile = GemmTile(bm, 128, 16 if fma else 32, 8, 3)
-        waves = 2
     elif kind == "ampere":
         # A100: mma.sync m16n8k16; 128x128 tile, K step 32, 4 stages = 48-96 KB of the
         # 164 KB; ~230-250 registers at 8 warps (no spills): one program per SM.
         tile = GemmTile(bm, 128, 16 if fma else 32, 8 if bm >= 128 else 4, 4)
-        waves = 2
     else:
         # ~100 KB smem and 64K registers (sm_86/89): 64-class tiles, 3 stages of
         # 128x64x32 bf16 = 24 KB; exact fp32 needs 8 warps to stay spill-free.
         tile = GemmTile(bm, 64, 16 if fma else 32, 8 if fma else 4, 3)
-        waves = 2
-    # Enough programs for `waves` resident programs per SM; the class splits are long
+    # Two resident programs' worth per SM on every kind; the class splits are long
     # (thousands of tiles at C = 2^20) so the tail of the last wave is short.
-    return ForwardConfig(tile, target_programs=waves * sms, norms_in_loop=norms_in_loop)
+    return ForwardConfig(tile, target_programs=2 * sms, norms_in_loop=norms_in_loop)
 
 
 def grads_config(device: torch.device, B: int, C: int, D: int,
@@ -243,7 +238,7 @@ def grads_config(device: torch.device, B: int, C: int, D: int,
         budget = int(float(env_mb) * (1 << 20)) if env_mb else 64 * bm * 4
         return GradsConfig(GemmTile(32, bm, 16, 4, 1), GemmTile(32, 16, 16, 4, 1),
                            GemmTile(16, bm, 16, 4, 1), chunk_bytes=budget, target_programs=4,
-                           max_dx_partial_bytes=1 << 20, g_programs=3)
+                           max_dx_partial_bytes=1 << 20)
     half = max(_elem(dot_dtype), load_bytes) == 2
     fma = dot_dtype == torch.float32 and dot_input_precision(dot_dtype, device) == "ieee"
     bm = 128 if B >= 128 else max(16, _next_pow2(B))
@@ -287,12 +282,12 @@ def grads_config(device: torch.device, B: int, C: int, D: int,
     # grad_x partials: (splits, B, D) fp32, capped at 4 MiB (4 splits at B = D = 512, 2 at
     # B = 1024): the dW tiles of the same launch (chunk/128 x D/128 of them) already fill
     # the GPU, the split-K only has to keep the dX tiles from being the tail.
-    # G kernel: one program per tile (g_programs=0). The persistent variant (one program
-    # per SM looping over tiles in a flattened, pipelined loop) measured 8% slower on an
-    # H200 with Triton 3.6 (backward 6.81 vs 6.28 ms at B=512, C=2^20, bf16) and spilled
-    # with fp32 operands; it stays available (PERSISTENT) and is tested in the interpreter.
+    # G kernel: one program per tile. A persistent variant (one program per SM looping
+    # over tiles in a flattened, pipelined loop) measured 8% slower on an H200 with
+    # Triton 3.6 (backward 6.81 vs 6.28 ms at B=512, C=2^20, bf16) and spilled with fp32
+    # operands, so it is not kept.
     return GradsConfig(g, dw, dx, chunk_bytes=budget, target_programs=2 * sms,
-                       max_dx_partial_bytes=4 << 20, g_programs=0)
+                       max_dx_partial_bytes=4 << 20)
 
 
 def dot_input_precision(dot_dtype: torch.dtype, device: torch.device) -> str:

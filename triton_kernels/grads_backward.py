@@ -73,44 +73,12 @@ def _grad_logits_kernel(
     stride_xb, stride_wc, stride_gc, stride_rp,
     num_row_tiles,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
-    SCALE_G: tl.constexpr, FAST_EXP2: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """G^T tiles: classes [pid_c*BC, +BC) x rows [pid_b*BB, +BB) of the chunk c0..c0+cn.
-
-    PERSISTENT: program p takes tiles p, p + P, p + 2P, ... (P = programs in the grid) in
-    one flattened, software-pipelined loop (see lse_forward: a tile has only D/BLOCK_K
-    K steps, so the next tile's loads must overlap this tile's epilogue). Otherwise one
-    program per tile.
-    """
-    if PERSISTENT:
-        n_tiles = tl.cdiv(cn, BLOCK_C) * num_row_tiles
-        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
-            _grad_logits_tile(tile, x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr,
-                              gs_ptr, g_ptr, rpart_ptr, B, D, c0, cn, s,
-                              stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
-                              BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2,
-                              EVEN_K)
-    else:
-        _grad_logits_tile(tl.program_id(0), x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr,
-                          tgrad_ptr, gs_ptr, g_ptr, rpart_ptr, B, D, c0, cn, s,
-                          stride_xb, stride_wc, stride_gc, stride_rp, num_row_tiles,
-                          BLOCK_C, BLOCK_B, BLOCK_K, DOT_KIND, INPUT_PRECISION, SCALE_G, FAST_EXP2,
-                          EVEN_K)
-
-
-@triton.jit
-def _grad_logits_tile(
-    pid,
-    x_ptr, w_ptr, winv_ptr, tcol_ptr, lse2_ptr, tgrad_ptr, gs_ptr,
-    g_ptr, rpart_ptr,
-    B, D, c0, cn, s,
-    stride_xb, stride_wc, stride_gc, stride_rp,
-    num_row_tiles,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
     FAST_EXP2: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """G^T tiles: classes [pid_c*BC, +BC) x rows [pid_b*BB, +BB) of the chunk c0..c0+cn,
+    one program per tile."""
+    pid = tl.program_id(0)
     pid_b = pid % num_row_tiles  # row tiles of one class tile adjacent: W tile read once
     pid_c = pid // num_row_tiles
     lcols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # class inside the chunk
@@ -392,7 +360,7 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
     tg, tw, tx = cfg.g_tile, cfg.dw_tile, cfg.dx_tile
     g_rows = triton.cdiv(B, tg.BLOCK_N)
     # The G kernel's per-row operands, once per call, padded to whole row tiles (see
-    # _grad_logits_tile).
+    # _grad_logits_kernel).
     pad = g_rows * tg.BLOCK_N - B
     tcol = F.pad(block_targets(labels, offset, C), (0, pad), value=-1)
     lse2 = F.pad(lse * LOG2E.value, (0, pad), value=float("inf"))
@@ -407,13 +375,13 @@ def grads(x_hat: Tensor, w: Tensor, w_inv_norm: Tensor, labels: Tensor, lse: Ten
     for c0 in range(0, C, chunk):
         cn = min(chunk, C - c0)
         g_tiles = triton.cdiv(cn, tg.BLOCK_M) * g_rows
-        _grad_logits_kernel[(min(g_tiles, cfg.g_programs) if cfg.g_programs else g_tiles,)](
+        _grad_logits_kernel[(g_tiles,)](
             x_hat, w, w_inv_norm, tcol, lse2, tgrad, gs, gbuf, rpart,
             B, D, c0, cn, float(s),
             x_hat.stride(0), w.stride(0), gbuf.stride(0), rpart.stride(0),
             g_rows,
             BLOCK_C=tg.BLOCK_M, BLOCK_B=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
-            DOT_KIND=kind, INPUT_PRECISION=prec, PERSISTENT=cfg.g_programs > 0, SCALE_G=scale_g,
+            DOT_KIND=kind, INPUT_PRECISION=prec, SCALE_G=scale_g,
             FAST_EXP2=fast_exp2(dev), EVEN_K=D % tg.BLOCK_K == 0,
             num_warps=tg.num_warps, num_stages=tg.num_stages, enable_fp_fusion=fuse,
         )
