@@ -44,16 +44,6 @@ int dw_impl(const DwArgs& a, bool run, size_t* bytes, void* workspace, cudaStrea
 
 }  // namespace
 
-size_t dw_workspace(Element e, const DwArgs& a) {
-  size_t bytes = 0;
-  if (e == Element::kBF16) dw_impl<cutlass::bfloat16_t>(a, false, &bytes, nullptr, nullptr);
-  else dw_impl<cutlass::half_t>(a, false, &bytes, nullptr, nullptr);
-  return bytes;
-}
-
-int dw(Element e, const DwArgs& a, void* workspace, cudaStream_t stream) {
-  if (e == Element::kBF16) return dw_impl<cutlass::bfloat16_t>(a, true, nullptr, workspace, stream);
-  return dw_impl<cutlass::half_t>(a, true, nullptr, workspace, stream);
-}
+EK_CUTLASS_ENTRY_POINTS(dw, DwArgs, dw_impl)
 
 }  // namespace ek_cutlass

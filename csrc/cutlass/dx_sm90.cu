@@ -35,16 +35,6 @@ int dx_impl(const DxArgs& a, bool run, size_t* bytes, void* workspace, cudaStrea
 
 }  // namespace
 
-size_t dx_workspace(Element e, const DxArgs& a) {
-  size_t bytes = 0;
-  if (e == Element::kBF16) dx_impl<cutlass::bfloat16_t>(a, false, &bytes, nullptr, nullptr);
-  else dx_impl<cutlass::half_t>(a, false, &bytes, nullptr, nullptr);
-  return bytes;
-}
-
-int dx(Element e, const DxArgs& a, void* workspace, cudaStream_t stream) {
-  if (e == Element::kBF16) return dx_impl<cutlass::bfloat16_t>(a, true, nullptr, workspace, stream);
-  return dx_impl<cutlass::half_t>(a, true, nullptr, workspace, stream);
-}
+EK_CUTLASS_ENTRY_POINTS(dx, DxArgs, dx_impl)
 
 }  // namespace ek_cutlass

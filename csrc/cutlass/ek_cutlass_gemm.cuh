@@ -75,4 +75,19 @@ int run_or_size(typename Gemm::Arguments const& args, bool run, size_t* bytes, v
   return int(gemm.run(stream));
 }
 
+// A kernel file's two entry points (ek_cutlass.h) over its impl<T>(args, run, bytes,
+// workspace, stream): NAME_workspace(e, args) -> bytes and NAME(e, args, workspace,
+// stream) -> status, T the 16-bit element type e names.
+#define EK_CUTLASS_ENTRY_POINTS(NAME, ARGS, IMPL)                                              \
+  size_t NAME##_workspace(Element e, const ARGS& a) {                                          \
+    size_t bytes = 0;                                                                          \
+    if (e == Element::kBF16) IMPL<cutlass::bfloat16_t>(a, false, &bytes, nullptr, nullptr);    \
+    else IMPL<cutlass::half_t>(a, false, &bytes, nullptr, nullptr);                            \
+    return bytes;                                                                              \
+  }                                                                                            \
+  int NAME(Element e, const ARGS& a, void* workspace, cudaStream_t stream) {                  \
+    if (e == Element::kBF16) return IMPL<cutlass::bfloat16_t>(a, true, nullptr, workspace, stream); \
+    return IMPL<cutlass::half_t>(a, true, nullptr, workspace, stream);                         \
+  }
+
 }  // namespace ek_cutlass

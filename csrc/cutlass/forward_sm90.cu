@@ -56,16 +56,6 @@ int forward_impl(const ForwardArgs& a, bool run, size_t* bytes, void* workspace,
 
 }  // namespace
 
-size_t forward_workspace(Element e, const ForwardArgs& a) {
-  size_t bytes = 0;
-  if (e == Element::kBF16) forward_impl<cutlass::bfloat16_t>(a, false, &bytes, nullptr, nullptr);
-  else forward_impl<cutlass::half_t>(a, false, &bytes, nullptr, nullptr);
-  return bytes;
-}
-
-int forward(Element e, const ForwardArgs& a, void* workspace, cudaStream_t stream) {
-  if (e == Element::kBF16) return forward_impl<cutlass::bfloat16_t>(a, true, nullptr, workspace, stream);
-  return forward_impl<cutlass::half_t>(a, true, nullptr, workspace, stream);
-}
+EK_CUTLASS_ENTRY_POINTS(forward, ForwardArgs, forward_impl)
 
 }  // namespace ek_cutlass

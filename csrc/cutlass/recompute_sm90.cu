@@ -68,16 +68,6 @@ int recompute_impl(const RecomputeArgs& a, bool run, size_t* bytes, void* worksp
 
 }  // namespace
 
-size_t recompute_workspace(Element e, const RecomputeArgs& a) {
-  size_t bytes = 0;
-  if (e == Element::kBF16) recompute_impl<cutlass::bfloat16_t>(a, false, &bytes, nullptr, nullptr);
-  else recompute_impl<cutlass::half_t>(a, false, &bytes, nullptr, nullptr);
-  return bytes;
-}
-
-int recompute(Element e, const RecomputeArgs& a, void* workspace, cudaStream_t stream) {
-  if (e == Element::kBF16) return recompute_impl<cutlass::bfloat16_t>(a, true, nullptr, workspace, stream);
-  return recompute_impl<cutlass::half_t>(a, true, nullptr, workspace, stream);
-}
+EK_CUTLASS_ENTRY_POINTS(recompute, RecomputeArgs, recompute_impl)
 
 }  // namespace ek_cutlass
