@@ -107,8 +107,16 @@ def mocked_gpu(monkeypatch):
         monkeypatch.setattr(ext, "_device_info", lambda i: (name, cap))
         monkeypatch.setattr(ext, "_CUDA_REASONS", {})
         monkeypatch.setattr(prologue, "OPS_DEVICES", frozenset(("cpu", "cuda")))
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return use
+
+
+def _pretend_cuda_is_available(monkeypatch):
+    """For available_backends("cuda"), which asks torch.cuda.is_available() first. A fake
+    CUDA tensor then wants a real CUDA context on torch <= 2.11 (fake_tensor's
+    init_gpu_context, called when is_available() says True): made a no-op here."""
+    import torch._subclasses.fake_tensor as fake_tensor
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None, raising=False)
 
 
 @pytest.mark.parametrize("name, cap", [("NVIDIA B200", (10, 0)), ("NVIDIA GeForce RTX 2080", (7, 5))])
@@ -131,6 +139,7 @@ def test_gpu_without_code_is_not_used(mocked_gpu, monkeypatch, name, cap):
     with FakeTensorMode():
         c_t = torch.empty(4, device="cuda")
         assert prologue.target_terms(c_t, spec, m, 64.0, "exact") == "the PyTorch code"
+    _pretend_cuda_is_available(monkeypatch)
     assert name in ek.available_backends("cuda")["extension"]
 
 
