@@ -156,8 +156,8 @@ def resolve_arch_list(visible: list[tuple[int, int]], first_use: bool) -> str:
     A builder's TORCH_CUDA_ARCH_LIST is kept as given. Otherwise an install-time build
     takes :data:`DEFAULT_CUDA_ARCHS` plus the arch of every visible GPU not among them;
     a first-use build takes only the visible GPUs' archs (their newest also as PTX), so
-    that the first import compiles one target, not five -- and the defaults where no GPU
-    is visible.
+    that the first import compiles one target, not five (and the defaults where no GPU
+    is visible, which only FORCE_CUDA=1 asks of a first-use build).
     """
     explicit = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if explicit:
@@ -283,10 +283,15 @@ def _first_use_build(package_dir: str, why: str):
     home = cuda_home()
     with_cuda = want_cuda(home, torch.version.cuda)
     arch_list = None
+    n_gpus = torch.cuda.device_count() if with_cuda else 0
+    if with_cuda and n_gpus == 0 and os.environ.get("FORCE_CUDA", "").strip() != "1":
+        # No GPU here to run CUDA code: the C++ ops alone compile in a fraction of the
+        # time; a GPU machine sharing this cache builds under its own arch key.
+        with_cuda = False
     if with_cuda:
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
-        visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        visible = [torch.cuda.get_device_capability(i) for i in range(n_gpus)]
         arch_list = resolve_arch_list(visible, first_use=True)
     build_dir = _cache_dir(torch.__version__, torch.version.cuda, arch_list)
     os.makedirs(build_dir, exist_ok=True)
