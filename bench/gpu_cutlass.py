@@ -11,7 +11,7 @@
    of the tile or the chunk). Criterion (DESIGN §5): the error against float64 is at
    most 2x that of the reference computed in bf16, +1e-6 absolute slack per quantity.
 3. Timing at B=512, C=2^20, D=512 bf16, forward+backward, in one process: the four
-   cuBLAS GEMMs of the loss (4 x one torch.mm of the forward's shape, as bench/gpu_bench.py
+   cuBLAS GEMMs of the loss (4 x one torch.mm of the forward's shape, as `python -m bench.run`
    counts them), the CUTLASS path, the extension
    and Triton backends, and the peers of bench/peers.py (Liger fused linear CE, Cut
    Cross-Entropy) on the normalised problem; median of triton.testing.do_bench.
@@ -132,7 +132,7 @@ def timing(rows: list, budget_s: float) -> None:
     w = torch.randn(c, d, device="cuda", generator=g).bfloat16().requires_grad_()
     y = torch.randint(0, c, (b,), device="cuda", generator=g)
     xs, ws = x.detach(), w.detach()
-    # The floor as bench/gpu_bench.py counts it: 4 x one (B x D) @ (D x C) cuBLAS GEMM.
+    # The floor as `python -m bench.run` counts it: 4 x one (B x D) @ (D x C) cuBLAS GEMM.
     calls = {"cuBLAS 1 GEMM": (lambda: torch.mm(xs, ws.t()), None)}
     install_backend(CHUNK)
     _, mv = resolve_margin("expface", None)

@@ -156,7 +156,7 @@ def margin_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, marg
     # the backbone's work ahead of the loss keeps the GPU busy meanwhile). On an H200
     # (triton, B=512, C=2^20, bf16, the loss alone): forward 3.6 ms of GPU time with the
     # check first, 2.0 ms of it the class kernel; step 10.75 -> 10.09 ms in
-    # bench/gpu_profile.py's split, 9.78 vs 9.91 ms in gpu_bench (within its noise).
+    # `python -m bench.run profile --parts split`, 9.78 vs 9.91 ms in the sweep (within its noise).
     opts = LossOptions(be, spec.name, mv, float(s), margin_grad, reduction, int(ignore_index),
                        operand_dtype=operand_dtype)
     loss = margin_softmax(x, w, labels.contiguous(), opts)

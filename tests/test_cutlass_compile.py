@@ -8,7 +8,7 @@ array indexed at run time lives in local memory: spill traffic by another name) 
 memory (2-core CPU, nvcc 13.0), so the units compile one at a time, and a report is kept
 under $EXPFACE_CUTLASS_CACHE (default /tmp/expface-cutlass-compile), keyed by a hash of
 the nvcc version, flags, the sources and every CUTLASS header: a second run of the
-suite on unchanged inputs (CI runs it twice, scripts/test_oldest.sh) reads the report.
+suite on unchanged inputs reads the report (CI compiles them once, in its pinned stack, into a fresh cache).
 
 Skips, with the reason, where nvcc or CUTLASS's headers are absent -- unless
 EXPFACE_REQUIRE_CUTLASS=1 (CI), where that is a failure.

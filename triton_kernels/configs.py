@@ -204,7 +204,7 @@ def forward_config(device: torch.device, B: int, C: int, D: int,
         # 16-bit operands: 128x256 class tiles (wgmma m64n256 x 2 warpgroups = 8 warps),
         # K step 64, 3 stages: 144 KB of shared memory, 212 registers, no spills
         # (compile_check). Measured on an H200 (Triton 3.6, B=512, C=2^20, D=512, bf16,
-        # bench/gpu_profile.py variants, the norm pass included): 1.67 ms, against 2.93
+        # `python -m bench.run profile --parts variants`, the norm pass included): 1.67 ms, against 2.93
         # ms for 128x128 with the norm pass and 2.04 / 1.80 ms for the racy in-loop
         # 128x128 / 128x256. One 8-warp program per SM (registers), ~2 waves of long
         # programs (thousands of class tiles each at C = 2^20). Other dtypes keep the
