@@ -88,8 +88,10 @@ def cuda_home() -> Optional[str]:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
-def want_cuda(home: Optional[str], torch_cuda: Optional[str]) -> bool:
-    """Compile the CUDA sources? FORCE_CUDA=1 / 0 decide; else a toolkit and a CUDA torch."""
+def want_cuda(home: Optional[str], torch_cuda: Optional[str], gpu_visible: bool = True) -> bool:
+    """Compile the CUDA sources? FORCE_CUDA=1 / 0 decide; else a toolkit, a CUDA torch
+    and -- for a first-use build, which serves this machine only -- a visible GPU
+    (without one the CUDA code could not run here, and its five targets take minutes)."""
     force = os.environ.get("FORCE_CUDA", "").strip()
     has_toolkit = bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc"))
     if force == "0":
@@ -99,7 +101,7 @@ def want_cuda(home: Optional[str], torch_cuda: Optional[str]) -> bool:
             raise RuntimeError(f"FORCE_CUDA=1 but no CUDA toolkit was found (CUDA_HOME={home!r} has no "
                                "bin/nvcc); set CUDA_HOME to the toolkit root")
         return True
-    return has_toolkit and torch_cuda is not None
+    return has_toolkit and torch_cuda is not None and gpu_visible
 
 
 # ------------------------------------------------------------------ architectures
@@ -281,13 +283,9 @@ def _first_use_build(package_dir: str, why: str):
     if root is None:
         raise ImportError(f"{why}; and the C++ sources (csrc/) are not installed, so it cannot be built here")
     home = cuda_home()
-    with_cuda = want_cuda(home, torch.version.cuda)
+    n_gpus = torch.cuda.device_count()
+    with_cuda = want_cuda(home, torch.version.cuda, gpu_visible=n_gpus > 0)
     arch_list = None
-    n_gpus = torch.cuda.device_count() if with_cuda else 0
-    if with_cuda and n_gpus == 0 and os.environ.get("FORCE_CUDA", "").strip() != "1":
-        # No GPU here to run CUDA code: the C++ ops alone compile in a fraction of the
-        # time; a GPU machine sharing this cache builds under its own arch key.
-        with_cuda = False
     if with_cuda:
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home

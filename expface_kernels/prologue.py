@@ -8,8 +8,8 @@ each costs a launch and its dispatch on the host, and the GPU waited ~1.7 ms for
 first GEMM of a 9 ms step (H200, B=512, C=2^20, bf16; bench/RESULTS.md). With
 ``expface_kernels._C`` built (for CUDA tensors: built with CUDA) each function below is
 ONE op of the extension (csrc/ek_prologue.h), whatever the backend of the class loop;
-otherwise -- no extension, or a GPU its build carries no code for -- it is the PyTorch code, which is also the specification the tests hold the
-ops to.
+otherwise -- no extension, or a GPU its build carries no code for -- it is the PyTorch
+code, which is also the specification the tests hold the ops to.
 
 Shapes: x (B, D) any float dtype; w (C_local, D) the block ``[offset, offset +
 C_local)``; "acc" is float64 when x or w is float64, else float32.
